@@ -1,0 +1,247 @@
+"""Import Hugging Face checkpoints (``config.json`` + safetensors) into :class:`HybridLM`.
+
+Supported: ``GraniteMoeHybridForCausalLM`` with a dense FFN (``num_local_experts == 0``; Mamba-2 and
+attention layers, grouped norm) and ``Qwen2ForCausalLM`` (all attention, q/k/v biases). The math each of
+these runs in transformers (``modeling_granitemoehybrid.py``, ``modeling_qwen2.py``) is what
+:mod:`mani_jax.models.hybrid` computes; ``tests/golden`` holds tiny random checkpoints with their
+transformers logits to prove it. This is also how a user runs real Granite-4.0-H or Qwen2.5 weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mani_jax.models.config import ModelConfig
+from mani_jax.models.hybrid import HybridLM
+
+_MAMBA_NAMES = ("mamba", "linear_attention")
+_ATTENTION_NAMES = ("attention", "full_attention")
+
+
+def _layer_types(hf: dict, n_layers: int) -> tuple[str, ...]:
+    raw = hf.get("layer_types")
+    if raw is None:
+        return ("attention",) * n_layers
+    if len(raw) != n_layers:
+        raise ValueError(f"config.json: layer_types has {len(raw)} entries, num_hidden_layers is {n_layers}")
+    out = []
+    for i, t in enumerate(raw):
+        if t in _MAMBA_NAMES:
+            out.append("mamba")
+        elif t in _ATTENTION_NAMES:
+            out.append("attention")
+        else:
+            raise ValueError(f"config.json: layer_types[{i}] = {t!r}; expected one of "
+                             f"{_MAMBA_NAMES + _ATTENTION_NAMES}")
+    return tuple(out)
+
+
+def _rope_theta(hf: dict) -> float:
+    params = hf.get("rope_parameters") or {}
+    if isinstance(params, dict) and "rope_theta" in params:
+        rtype = params.get("rope_type", "default")
+        if rtype not in ("default", None):
+            raise NotImplementedError(f"config.json: rope_type {rtype!r} (scaled RoPE) is not supported")
+        return float(params["rope_theta"])
+    if hf.get("rope_scaling"):
+        raise NotImplementedError(f"config.json: rope_scaling {hf['rope_scaling']!r} is not supported")
+    return float(hf.get("rope_theta", 10000.0))
+
+
+def _is_infinite(v: Any) -> bool:
+    if isinstance(v, dict):  # transformers 5 writes inf as {"__float__": "Infinity"}
+        v = v.get("__float__", v)
+    try:
+        return math.isinf(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def config_from_hf(hf: dict, *, max_seq_len: int | None = None) -> ModelConfig:
+    """Translate a Hugging Face ``config.json`` dict into a :class:`ModelConfig`.
+
+    Raises:
+      ValueError: unsupported ``model_type`` or inconsistent fields (named in the message).
+      NotImplementedError: features we do not run (MoE experts in Granite, scaled RoPE, Qwen2 sliding
+        window, a finite ``time_step_limit``).
+    """
+    mt = hf.get("model_type")
+    n_layers = int(hf["num_hidden_layers"])
+    d_model = int(hf["hidden_size"])
+    n_heads = int(hf["num_attention_heads"])
+    common = dict(
+        vocab_size=int(hf["vocab_size"]), d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+        n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
+        head_dim=int(hf.get("head_dim") or d_model // n_heads), rope_theta=_rope_theta(hf),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_seq_len=int(max_seq_len or hf.get("max_position_embeddings", 2048)))
+    if mt == "qwen2":
+        if hf.get("use_sliding_window"):
+            raise NotImplementedError("config.json: Qwen2 use_sliding_window=true is not supported")
+        return ModelConfig(layer_types=("attention",) * n_layers, d_ff=int(hf["intermediate_size"]),
+                           attention_bias=True, attention_out_bias=False, rope=True, **common)
+    if mt == "granitemoehybrid":
+        if int(hf.get("num_local_experts") or 0) > 0:
+            raise NotImplementedError("config.json: GraniteMoeHybrid with num_local_experts > 0 (MoE FFN) "
+                                      "is not supported yet; only the dense shared_mlp")
+        tsl = hf.get("time_step_limit")
+        if tsl is not None and (float(tsl[0]) > 0.0 or not _is_infinite(tsl[1])):
+            raise NotImplementedError(f"config.json: time_step_limit {tsl} clamps dt; only (0, inf) is supported")
+        pos = hf.get("position_embedding_type", "rope")
+        return ModelConfig(
+            layer_types=_layer_types(hf, n_layers), d_ff=int(hf["shared_intermediate_size"]),
+            attention_bias=bool(hf.get("attention_bias", False)),
+            attention_out_bias=bool(hf.get("attention_bias", False)), rope=pos == "rope",
+            expand=int(hf.get("mamba_expand", 2)), mamba_n_heads=int(hf["mamba_n_heads"]),
+            mamba_head_dim=int(hf["mamba_d_head"]), d_state=int(hf["mamba_d_state"]),
+            d_conv=int(hf.get("mamba_d_conv", 4)), n_groups=int(hf.get("mamba_n_groups", 1)),
+            chunk_size=int(hf.get("mamba_chunk_size", 256)), mamba_conv_bias=bool(hf.get("mamba_conv_bias", True)),
+            mamba_proj_bias=bool(hf.get("mamba_proj_bias", False)),
+            embedding_multiplier=float(hf.get("embedding_multiplier", 1.0)),
+            attention_multiplier=float(hf["attention_multiplier"]) if hf.get("attention_multiplier") else None,
+            residual_multiplier=float(hf.get("residual_multiplier", 1.0)),
+            logits_scaling=float(hf.get("logits_scaling", 1.0)), **common)
+    raise ValueError(f"config.json: model_type {mt!r} is not supported; expected 'granitemoehybrid' or 'qwen2'")
+
+
+def _read_safetensors(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no *.safetensors files")
+    tensors = {}
+    for f in files:
+        # framework="flax" returns jax arrays, which keeps bfloat16 checkpoints loadable.
+        with safe_open(str(path / f), framework="flax") as fh:
+            for k in fh.keys():
+                tensors[k] = fh.get_tensor(k)
+    return tensors
+
+
+def _hf_name_map(cfg: ModelConfig, model_type: str) -> dict[tuple, tuple[str, str]]:
+    """Our parameter path -> (HF tensor name, transform) where transform is 'id', 'T' or a split tag."""
+    m: dict[tuple, tuple[str, str]] = {
+        ("embed", "embedding"): ("model.embed_tokens.weight", "id"),
+        ("final_norm", "weight"): ("model.norm.weight", "id"),
+    }
+    if not cfg.tie_embeddings:
+        m[("lm_head", "kernel")] = ("lm_head.weight", "T")
+    for i, t in enumerate(cfg.layer_types):
+        p = f"model.layers.{i}."
+        L = ("layers", i)
+        m[L + ("mixer_norm", "weight")] = (p + "input_layernorm.weight", "id")
+        m[L + ("ffn_norm", "weight")] = (p + "post_attention_layernorm.weight", "id")
+        if t == "attention":
+            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                m[L + ("mixer", proj, "kernel")] = (p + f"self_attn.{proj}.weight", "T")
+                has_bias = cfg.attention_out_bias if proj == "o_proj" else cfg.attention_bias
+                if has_bias:
+                    m[L + ("mixer", proj, "bias")] = (p + f"self_attn.{proj}.bias", "id")
+        else:
+            q = p + "mamba."
+            m[L + ("mixer", "in_proj", "kernel")] = (q + "in_proj.weight", "T")
+            m[L + ("mixer", "out_proj", "kernel")] = (q + "out_proj.weight", "T")
+            if cfg.mamba_proj_bias:
+                m[L + ("mixer", "in_proj", "bias")] = (q + "in_proj.bias", "id")
+                m[L + ("mixer", "out_proj", "bias")] = (q + "out_proj.bias", "id")
+            m[L + ("mixer", "conv_weight")] = (q + "conv1d.weight", "conv")
+            if cfg.mamba_conv_bias:
+                m[L + ("mixer", "conv_bias")] = (q + "conv1d.bias", "id")
+            for name in ("dt_bias", "A_log", "D"):
+                m[L + ("mixer", name)] = (q + name, "id")
+            m[L + ("mixer", "norm", "weight")] = (q + "norm.weight", "id")
+        if model_type == "granitemoehybrid":
+            m[L + ("ffn", "gate_proj", "kernel")] = (p + "shared_mlp.input_linear.weight", "gate")
+            m[L + ("ffn", "up_proj", "kernel")] = (p + "shared_mlp.input_linear.weight", "up")
+            m[L + ("ffn", "down_proj", "kernel")] = (p + "shared_mlp.output_linear.weight", "T")
+        else:
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                m[L + ("ffn", proj, "kernel")] = (p + f"mlp.{proj}.weight", "T")
+    return m
+
+
+def _transform(arr, how: str, d_ff: int):
+    if how == "id":
+        return arr
+    if how == "T":
+        return arr.T
+    if how == "conv":  # torch depthwise Conv1d weight [C, 1, K] -> [C, K]
+        return arr.reshape(arr.shape[0], arr.shape[-1])
+    if how == "gate":
+        return arr[:d_ff].T
+    if how == "up":
+        return arr[d_ff:].T
+    raise AssertionError(how)
+
+
+def load_hf(path: str | Path, *, param_dtype: str = "float32", max_seq_len: int | None = None) -> HybridLM:
+    """Load a Hugging Face checkpoint directory into a :class:`HybridLM`.
+
+    Args:
+      path: directory with ``config.json`` and ``model.safetensors`` (or a sharded index).
+      param_dtype: ``"float32"`` or ``"bfloat16"`` storage for the loaded parameters.
+      max_seq_len: override the context length (default ``max_position_embeddings``).
+
+    Returns:
+      The model, with ``model.config`` the translated :class:`ModelConfig`.
+
+    Raises:
+      FileNotFoundError: ``path`` or its files are missing.
+      ValueError: unsupported architecture, a missing tensor, a tensor of the wrong shape, or tensors in the
+        file that the model has no place for (each named in the message).
+      NotImplementedError: a configuration feature we do not run (see :func:`config_from_hf`).
+    """
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face checkpoint directory)")
+    hf = json.loads(cfg_file.read_text())
+    cfg = dataclasses.replace(config_from_hf(hf, max_seq_len=max_seq_len), param_dtype=param_dtype)
+    tensors = _read_safetensors(path)
+    if cfg.tie_embeddings and "lm_head.weight" in tensors:
+        if not np.array_equal(np.asarray(tensors["lm_head.weight"]), np.asarray(tensors["model.embed_tokens.weight"])):
+            raise ValueError(f"{path}: tie_word_embeddings is true but lm_head.weight differs from embed_tokens")
+        tensors.pop("lm_head.weight")
+
+    model = nnx.eval_shape(lambda: HybridLM(cfg, rngs=nnx.Rngs(0)))
+    state = nnx.state(model, nnx.Param)
+    flat = dict(nnx.to_flat_state(state))
+    name_map = _hf_name_map(cfg, hf["model_type"])
+    used: set[str] = set()
+    dtype = jnp.float32 if param_dtype == "float32" else jnp.bfloat16
+    for key, var in flat.items():
+        key_t = tuple(key)
+        if key_t not in name_map:
+            raise AssertionError(f"no Hugging Face mapping for parameter {key_t}")
+        hf_name, how = name_map[key_t]
+        if hf_name not in tensors:
+            raise ValueError(f"{path}: missing tensor {hf_name!r} (needed for {'.'.join(map(str, key_t))})")
+        arr = _transform(tensors[hf_name], how, cfg.d_ff)
+        if how in ("gate", "up") and tensors[hf_name].shape[0] != 2 * cfg.d_ff:
+            raise ValueError(f"{path}: tensor {hf_name!r} has shape {tensors[hf_name].shape}; expected "
+                             f"[{2 * cfg.d_ff}, {cfg.d_model}]")
+        if tuple(arr.shape) != tuple(var.shape):
+            raise ValueError(f"{path}: tensor {hf_name!r} has shape {tuple(tensors[hf_name].shape)}; it maps to "
+                             f"{'.'.join(map(str, key_t))} of shape {tuple(var.shape)} after '{how}'")
+        var.set_value(jnp.asarray(arr, dtype))
+        used.add(hf_name)
+    extra = sorted(set(tensors) - used)
+    if extra:
+        raise ValueError(f"{path}: tensors with no place in the model: {extra[:8]}{' ...' if len(extra) > 8 else ''}")
+    new_state = nnx.from_flat_state(flat)
+    graphdef, _ = nnx.split(model, nnx.Param)
+    rest = nnx.state(model, nnx.Not(nnx.Param))
+    return nnx.merge(graphdef, new_state, rest)

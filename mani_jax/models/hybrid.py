@@ -1,0 +1,346 @@
+"""The hybrid Mamba-2 + attention language model (Chimera) as Flax NNX modules built from ``mani_jax.core``.
+
+Block (pre-norm; llama.cpp ``granitehybrid``, Hugging Face ``GraniteMoeHybridDecoderLayer``)::
+
+    x = x + residual_multiplier * mixer(rms_norm(x))         mixer: Attention or Mamba2Mixer per layer
+    x = x + residual_multiplier * swiglu_mlp(rms_norm(x))
+
+Model: ``embed * embedding_multiplier -> blocks -> rms_norm -> lm_head / logits_scaling``. Layout is
+``[batch, seq, ...]``. With every layer ``"attention"`` this is a Qwen2/Llama-style dense decoder.
+
+Caches for inference are plain pytrees (``dict``) so they pass through ``jax.jit``: attention layers keep
+``k, v [batch, max_len, n_kv_heads, head_dim]``; Mamba-2 layers keep ``conv [batch, d_conv-1, conv_dim]``
+and ``ssm [batch, n_heads, head_dim, d_state]`` (float32); ``pos`` (int32 scalar) is the number of tokens
+already in the cache (all rows of a batch advance together).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mani_jax import core
+from mani_jax.models.config import ModelConfig
+
+Array = jax.Array
+Cache = dict[str, Any]
+
+_ATTENTION_IMPLS: dict[str, Callable[..., Array]] = {"xla": core.attention}
+
+
+def register_attention_impl(name: str, fn: Callable[..., Array]) -> None:
+    """Make ``attention_impl=name`` select ``fn`` (same signature as :func:`mani_jax.core.attention`)."""
+    _ATTENTION_IMPLS[name] = fn
+
+
+def _attention_fn(name: str) -> Callable[..., Array]:
+    if name not in _ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl: unknown {name!r}; registered: {sorted(_ATTENTION_IMPLS)}")
+    return _ATTENTION_IMPLS[name]
+
+
+def _dtype(name: str):
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def _normal(std: float):
+    return nnx.initializers.normal(stddev=std)
+
+
+def positions_from_segments(segment_ids: Array) -> Array:
+    """Position of each token within its segment (restarting at 0 where the id changes); int32 ``[b, l]``."""
+    idx = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)
+    prev = jnp.concatenate([segment_ids[:, :1], segment_ids[:, :-1]], axis=1)
+    starts = jnp.where((segment_ids != prev) | (idx == 0), idx, 0)
+    return idx - jax.lax.cummax(starts, axis=1)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm with a learned scale ``weight [dim]`` (see :func:`mani_jax.core.rms_norm`)."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32):
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.eps = eps
+
+    def __call__(self, x: Array) -> Array:
+        return core.rms_norm(x, self.weight[...], self.eps)
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))`` (Shazeer 2020)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        pd = _dtype(cfg.param_dtype)
+        init = _normal(cfg.initializer_range)
+        out_init = _normal(cfg.initializer_range / math.sqrt(2 * cfg.n_layers))
+        self.gate_proj = nnx.Linear(cfg.d_model, cfg.d_ff, use_bias=cfg.mlp_bias, kernel_init=init,
+                                    param_dtype=pd, rngs=rngs)
+        self.up_proj = nnx.Linear(cfg.d_model, cfg.d_ff, use_bias=cfg.mlp_bias, kernel_init=init,
+                                  param_dtype=pd, rngs=rngs)
+        self.down_proj = nnx.Linear(cfg.d_ff, cfg.d_model, use_bias=cfg.mlp_bias, kernel_init=out_init,
+                                    param_dtype=pd, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        return self.down_proj(core.swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with GQA, optional q/k/v biases, RoPE (rotate-half) or NoPE, and a KV cache."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pd = _dtype(cfg.param_dtype)
+        init = _normal(cfg.initializer_range)
+        out_init = _normal(cfg.initializer_range / math.sqrt(2 * cfg.n_layers))
+        hd = cfg.head_dim
+        self.q_proj = nnx.Linear(cfg.d_model, cfg.n_heads * hd, use_bias=cfg.attention_bias, kernel_init=init,
+                                 param_dtype=pd, rngs=rngs)
+        self.k_proj = nnx.Linear(cfg.d_model, cfg.n_kv_heads * hd, use_bias=cfg.attention_bias,
+                                 kernel_init=init, param_dtype=pd, rngs=rngs)
+        self.v_proj = nnx.Linear(cfg.d_model, cfg.n_kv_heads * hd, use_bias=cfg.attention_bias,
+                                 kernel_init=init, param_dtype=pd, rngs=rngs)
+        self.o_proj = nnx.Linear(cfg.n_heads * hd, cfg.d_model, use_bias=cfg.attention_out_bias,
+                                 kernel_init=out_init, param_dtype=pd, rngs=rngs)
+
+    def init_cache(self, batch: int, max_len: int, dtype) -> Cache:
+        shape = (batch, max_len, self.cfg.n_kv_heads, self.cfg.head_dim)
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+    def __call__(self, x: Array, *, positions: Array, segment_ids: Array | None = None,
+                 cache: Cache | None = None, cache_pos: Array | None = None) -> tuple[Array, Cache | None]:
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, cfg.n_heads, cfg.head_dim)
+        k = self.k_proj(x).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+        v = self.v_proj(x).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+        if cfg.rope:
+            q = core.apply_rope(q, positions, theta=cfg.rope_theta)
+            k = core.apply_rope(k, positions, theta=cfg.rope_theta)
+        attn = _attention_fn(cfg.attention_impl)
+        kw = dict(softmax_scale=cfg.attention_multiplier, sliding_window=cfg.sliding_window)
+        if cache is None:
+            out = attn(q, k, v, causal=True, segment_ids=segment_ids, q_positions=positions,
+                       kv_positions=positions, **kw)
+            new_cache = None
+        else:
+            ck = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, cache_pos, 0, 0))
+            cv = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, cache_pos, 0, 0))
+            s = ck.shape[1]
+            slot = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+            qslot = jnp.broadcast_to(cache_pos + jnp.arange(t, dtype=jnp.int32), (b, t))
+            # Slots beyond cache_pos + t are in the future of every query, so causal masking hides them.
+            out = attn(q, ck.astype(q.dtype), cv.astype(q.dtype), causal=True, q_positions=qslot,
+                       kv_positions=slot, **kw)
+            new_cache = {"k": ck, "v": cv}
+        return self.o_proj(out.reshape(b, t, cfg.n_heads * cfg.head_dim)), new_cache
+
+
+class Mamba2Mixer(nnx.Module):
+    """Mamba-2 mixer (Dao & Gu 2024, Fig. 6 "parallel" block), exactly as llama.cpp ``granitehybrid`` runs it.
+
+    ``in_proj`` rows are ``[z | x | B | C | dt]``; ``xBC = silu(conv1d(xBC) + conv_bias)``;
+    ``dt = softplus(dt + dt_bias)`` (no clamp); ``A = -exp(A_log)``; ``y = SSD(x, dt, A, B, C) + D x``;
+    ``y = grouped_rms_norm(y * silu(z)) * norm.weight``; ``out_proj(y)``.
+    Parameters: ``conv_weight [conv_dim, d_conv]`` (``[:, -1]`` multiplies the current token), ``conv_bias
+    [conv_dim]``, ``dt_bias, A_log, D [mamba_n_heads]``, ``norm.weight [d_inner]``.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pd = _dtype(cfg.param_dtype)
+        nh = cfg.mamba_n_heads
+        d_in_proj = 2 * cfg.d_inner + 2 * cfg.n_groups * cfg.d_state + nh
+        self.in_proj = nnx.Linear(cfg.d_model, d_in_proj, use_bias=cfg.mamba_proj_bias,
+                                  kernel_init=_normal(cfg.initializer_range), param_dtype=pd, rngs=rngs)
+        bound = 1.0 / math.sqrt(cfg.d_conv)  # PyTorch Conv1d default (fan_in = d_conv for depthwise)
+        self.conv_weight = nnx.Param(jax.random.uniform(rngs.params(), (cfg.conv_dim, cfg.d_conv), pd,
+                                                        -bound, bound))
+        self.conv_bias = nnx.Param(jnp.zeros((cfg.conv_dim,), pd)) if cfg.mamba_conv_bias else None
+        # dt initialised log-uniform in [1e-3, 1e-1]; dt_bias = softplus^{-1}(dt) (Mamba-2 reference init).
+        dt = jnp.exp(jax.random.uniform(rngs.params(), (nh,), jnp.float32, math.log(1e-3), math.log(1e-1)))
+        dt = jnp.maximum(dt, 1e-4)
+        self.dt_bias = nnx.Param((dt + jnp.log(-jnp.expm1(-dt))).astype(pd))
+        self.A_log = nnx.Param(jnp.log(jax.random.uniform(rngs.params(), (nh,), jnp.float32, 1.0, 16.0)).astype(pd))
+        self.D = nnx.Param(jnp.ones((nh,), pd))
+        self.norm = RMSNorm(cfg.d_inner, cfg.norm_eps, param_dtype=pd)
+        self.out_proj = nnx.Linear(cfg.d_inner, cfg.d_model, use_bias=cfg.mamba_proj_bias,
+                                   kernel_init=_normal(cfg.initializer_range / math.sqrt(2 * cfg.n_layers)),
+                                   param_dtype=pd, rngs=rngs)
+
+    def init_cache(self, batch: int, dtype) -> Cache:
+        cfg = self.cfg
+        return {"conv": jnp.zeros((batch, cfg.d_conv - 1, cfg.conv_dim), dtype),
+                "ssm": jnp.zeros((batch, cfg.mamba_n_heads, cfg.mamba_head_dim, cfg.d_state), jnp.float32)}
+
+    def __call__(self, x: Array, *, segment_ids: Array | None = None,
+                 cache: Cache | None = None) -> tuple[Array, Cache | None]:
+        cfg = self.cfg
+        b, t, _ = x.shape
+        nh, hp, g, n = cfg.mamba_n_heads, cfg.mamba_head_dim, cfg.n_groups, cfg.d_state
+        zxbcdt = self.in_proj(x)
+        z, xbc, dt = jnp.split(zxbcdt, [cfg.d_inner, cfg.d_inner + cfg.conv_dim], axis=-1)
+        conv_b = None if self.conv_bias is None else self.conv_bias[...]
+        A = -jnp.exp(self.A_log[...].astype(jnp.float32))
+        D = self.D[...]
+        if cache is not None and t == 1:  # decode: single-step recurrences
+            xbc1, conv_state = core.causal_conv1d_step(cache["conv"], xbc[:, 0], self.conv_weight[...], conv_b)
+            xbc1 = jax.nn.silu(xbc1)
+            xs, B, C = jnp.split(xbc1, [cfg.d_inner, cfg.d_inner + g * n], axis=-1)
+            dt1 = core.softplus(dt[:, 0].astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))
+            y, ssm_state = core.ssd_step(cache["ssm"], xs.reshape(b, nh, hp), dt1, A, B.reshape(b, g, n),
+                                         C.reshape(b, g, n), D=D)
+            y = y.reshape(b, 1, cfg.d_inner)
+            new_cache = {"conv": conv_state.astype(cache["conv"].dtype), "ssm": ssm_state}
+        else:
+            init_conv = None if cache is None else cache["conv"].astype(xbc.dtype)
+            init_ssm = None if cache is None else cache["ssm"]
+            xbc, conv_state = core.causal_conv1d(xbc, self.conv_weight[...], conv_b, initial_state=init_conv,
+                                                 segment_ids=segment_ids)
+            xbc = jax.nn.silu(xbc)
+            xs, B, C = jnp.split(xbc, [cfg.d_inner, cfg.d_inner + g * n], axis=-1)
+            dtv = core.softplus(dt.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))
+            y, ssm_state = core.ssd_chunked(xs.reshape(b, t, nh, hp), dtv, A, B.reshape(b, t, g, n),
+                                            C.reshape(b, t, g, n), chunk_size=cfg.chunk_size, D=D,
+                                            initial_state=init_ssm, segment_ids=segment_ids)
+            y = y.reshape(b, t, cfg.d_inner)
+            new_cache = None if cache is None else {"conv": conv_state.astype(cache["conv"].dtype),
+                                                    "ssm": ssm_state}
+        y = core.gated_rms_norm(y, z, self.norm.weight[...], n_groups=g, eps=cfg.norm_eps)
+        return self.out_proj(y), new_cache
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: a mixer (attention or Mamba-2) then a SwiGLU MLP."""
+
+    def __init__(self, cfg: ModelConfig, layer_type: str, *, rngs: nnx.Rngs):
+        pd = _dtype(cfg.param_dtype)
+        self.layer_type = layer_type
+        self.residual_multiplier = cfg.residual_multiplier
+        self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype=pd)
+        self.mixer = Attention(cfg, rngs=rngs) if layer_type == "attention" else Mamba2Mixer(cfg, rngs=rngs)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype=pd)
+        self.ffn = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, *, positions, segment_ids=None, cache=None, cache_pos=None):
+        h = self.mixer_norm(x)
+        if self.layer_type == "attention":
+            h, new_cache = self.mixer(h, positions=positions, segment_ids=segment_ids, cache=cache,
+                                      cache_pos=cache_pos)
+        else:
+            h, new_cache = self.mixer(h, segment_ids=segment_ids, cache=cache)
+        x = x + self.residual_multiplier * h
+        x = x + self.residual_multiplier * self.ffn(self.ffn_norm(x))
+        return x, new_cache
+
+
+class HybridLM(nnx.Module):
+    """Decoder-only LM whose layer pattern (attention / Mamba-2) comes from :class:`ModelConfig`.
+
+    Call ``model(tokens, segment_ids=..., positions=...) -> logits`` for training; use
+    :meth:`init_cache`, :meth:`prefill` and :meth:`decode_step` for generation.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        pd = _dtype(cfg.param_dtype)
+        self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, embedding_init=_normal(cfg.initializer_range),
+                               param_dtype=pd, rngs=rngs)
+        self.layers = nnx.List([Block(cfg, t, rngs=rngs) for t in cfg.layer_types])
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype=pd)
+        self.lm_head = None if cfg.tie_embeddings else nnx.Linear(
+            cfg.d_model, cfg.vocab_size, use_bias=False, kernel_init=_normal(cfg.initializer_range),
+            param_dtype=pd, rngs=rngs)
+
+    def _check_tokens(self, tokens: Array, ndim: int, name: str = "tokens"):
+        if tokens.ndim != ndim:
+            raise ValueError(f"{name}: expected {ndim}-d int array, got shape {tokens.shape}")
+        if not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"{name}: expected an integer dtype, got {tokens.dtype}")
+
+    def _logits(self, x: Array) -> Array:
+        x = self.final_norm(x)
+        logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
+        return logits.astype(jnp.float32) / self.config.logits_scaling
+
+    def _embed(self, tokens: Array) -> Array:
+        return self.embed(tokens) * jnp.asarray(self.config.embedding_multiplier, self.embed.embedding.dtype)
+
+    def __call__(self, tokens: Array, *, segment_ids: Array | None = None,
+                 positions: Array | None = None) -> Array:
+        """Logits for every position.
+
+        Args:
+          tokens: int ``[batch, seq]``.
+          segment_ids: int ``[batch, seq]`` for packed documents (no attention or SSM state crosses a change
+            of id); None = one document per row.
+          positions: int ``[batch, seq]`` RoPE positions; default: position within the segment.
+
+        Returns:
+          float32 ``[batch, seq, vocab_size]``.
+
+        Raises:
+          ValueError: if ``tokens`` is not a 2-d integer array or the other arrays' shapes differ from it.
+        """
+        self._check_tokens(tokens, 2)
+        for name, arr in (("segment_ids", segment_ids), ("positions", positions)):
+            if arr is not None and arr.shape != tokens.shape:
+                raise ValueError(f"{name}: expected shape {tokens.shape}, got {arr.shape}")
+        return self.forward_embeddings(self._embed(tokens), segment_ids=segment_ids, positions=positions)
+
+    def forward_embeddings(self, x: Array, *, segment_ids: Array | None = None,
+                           positions: Array | None = None) -> Array:
+        """Logits from already-embedded inputs ``x [batch, seq, d_model]`` (after ``embedding_multiplier``).
+
+        Same as :meth:`__call__` otherwise (Hugging Face's ``inputs_embeds``); useful for gradients with
+        respect to the inputs.
+        """
+        b, t = x.shape[:2]
+        if positions is None:
+            positions = (positions_from_segments(segment_ids) if segment_ids is not None else
+                         jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
+        for layer in self.layers:
+            x, _ = layer(x, positions=positions, segment_ids=segment_ids)
+        return self._logits(x)
+
+    def init_cache(self, batch: int, max_len: int | None = None, dtype=None) -> Cache:
+        """An empty cache for ``batch`` rows of up to ``max_len`` tokens (default ``config.max_seq_len``)."""
+        max_len = self.config.max_seq_len if max_len is None else max_len
+        dtype = self.embed.embedding.dtype if dtype is None else dtype
+        layers = [l.mixer.init_cache(batch, max_len, dtype) if l.layer_type == "attention"
+                  else l.mixer.init_cache(batch, dtype) for l in self.layers]
+        return {"pos": jnp.zeros((), jnp.int32), "layers": layers}
+
+    def prefill(self, tokens: Array, cache: Cache) -> tuple[Array, Cache]:
+        """Run ``tokens [batch, t]`` after what ``cache`` holds; returns ``(logits [batch, t, vocab], cache)``.
+
+        Raises ValueError if ``tokens`` is not 2-d integer or would overflow an attention cache.
+        """
+        self._check_tokens(tokens, 2)
+        b, t = tokens.shape
+        attn_caches = [c for c, l in zip(cache["layers"], self.layers) if l.layer_type == "attention"]
+        if attn_caches and isinstance(cache["pos"], int) and cache["pos"] + t > attn_caches[0]["k"].shape[1]:
+            raise ValueError(f"tokens: {t} more tokens overflow the cache of {attn_caches[0]['k'].shape[1]}")
+        pos = cache["pos"]
+        positions = jnp.broadcast_to(pos + jnp.arange(t, dtype=jnp.int32), (b, t))
+        x = self._embed(tokens)
+        new_layers = []
+        for layer, c in zip(self.layers, cache["layers"]):
+            x, nc = layer(x, positions=positions, cache=c, cache_pos=pos)
+            new_layers.append(nc)
+        return self._logits(x), {"pos": pos + t, "layers": new_layers}
+
+    def decode_step(self, token: Array, cache: Cache) -> tuple[Array, Cache]:
+        """One token per row: ``token [batch]`` -> ``(logits [batch, vocab], cache)``."""
+        self._check_tokens(token, 1, "token")
+        logits, cache = self.prefill(token[:, None], cache)
+        return logits[:, 0], cache
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """Number of parameters of ``HybridLM(cfg)``, from ``nnx.eval_shape`` (nothing is allocated)."""
+    abstract = nnx.eval_shape(lambda: HybridLM(cfg, rngs=nnx.Rngs(0)))
+    return sum(int(math.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))

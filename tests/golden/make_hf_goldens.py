@@ -1,0 +1,308 @@
+"""Generate Hugging Face golden files for the torch-free model tests.
+
+Run (needs torch + transformers, NOT needed by the tests themselves):
+
+    python3.11 -m venv /work/venv-golden
+    /work/venv-golden/bin/pip install torch==2.13.0 transformers safetensors numpy
+    /work/venv-golden/bin/python tests/golden/make_hf_goldens.py
+
+For every tiny config below this writes tests/golden/<name>/ with
+  config.json         -- from ``save_pretrained``
+  model.safetensors   -- from ``save_pretrained(safe_serialization=True)``, float32
+  golden.npz          -- input_ids  int32   [2, T]        (T = 37, not a multiple of the chunk size)
+                         logits     float32 [2, T, V]     (HF forward, eval mode, float32, no attention_mask)
+                         embeds     float32 [2, T, H]     (input to layer 0, i.e. after embedding_multiplier)
+                         layer_outputs float32 [L, 2, T, H]  (output of each decoder layer, before final norm)
+                         final_hidden  float32 [2, T, H]  (after the final RMSNorm, before lm_head)
+
+All parameters are randomized from a fixed torch seed so the logits are non-trivial.
+The script re-loads every saved model with ``from_pretrained`` and checks it reproduces the logits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+import transformers
+from transformers import (
+    GraniteMoeHybridConfig,
+    GraniteMoeHybridForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SEQ_LEN = 37
+BATCH = 2
+
+
+def granite_rope_config() -> GraniteMoeHybridConfig:
+    return GraniteMoeHybridConfig(
+        vocab_size=112,
+        hidden_size=48,
+        intermediate_size=64,  # only used by MoE experts (absent here)
+        shared_intermediate_size=80,  # dense FFN width
+        num_hidden_layers=4,
+        layer_types=["mamba", "attention", "mamba", "mamba"],
+        num_attention_heads=6,  # head_dim = 48 / 6 = 8
+        num_key_value_heads=2,  # GQA, 3 query heads per kv head
+        hidden_act="silu",
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        position_embedding_type="rope",
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        attention_bias=False,
+        embedding_multiplier=3.0,
+        attention_multiplier=0.2,
+        residual_multiplier=0.4,
+        logits_scaling=2.5,
+        num_local_experts=0,
+        num_experts_per_tok=0,
+        mamba_n_heads=8,
+        mamba_n_groups=1,
+        mamba_d_state=16,
+        mamba_d_head=12,  # 8 * 12 = 96 = 2 * 48
+        mamba_d_conv=4,
+        mamba_expand=2,
+        mamba_chunk_size=8,
+        mamba_conv_bias=True,
+        mamba_proj_bias=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+def granite_nope_config() -> GraniteMoeHybridConfig:
+    return GraniteMoeHybridConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        shared_intermediate_size=56,
+        num_hidden_layers=4,
+        layer_types=["attention", "mamba", "mamba", "attention"],
+        num_attention_heads=4,  # head_dim = 8
+        num_key_value_heads=1,  # MQA
+        hidden_act="silu",
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        position_embedding_type="nope",
+        attention_bias=False,
+        embedding_multiplier=2.0,
+        attention_multiplier=0.25,
+        residual_multiplier=0.5,
+        logits_scaling=1.0,
+        num_local_experts=0,
+        num_experts_per_tok=0,
+        mamba_n_heads=4,
+        mamba_n_groups=1,
+        mamba_d_state=8,
+        mamba_d_head=16,  # 4 * 16 = 64 = 2 * 32
+        mamba_d_conv=4,
+        mamba_expand=2,
+        mamba_chunk_size=16,
+        mamba_conv_bias=True,
+        mamba_proj_bias=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+def qwen2_config() -> Qwen2Config:
+    return Qwen2Config(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=8,  # head_dim = 8
+        num_key_value_heads=2,
+        hidden_act="silu",
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        use_sliding_window=False,
+    )
+
+
+def qwen2_tied_config() -> Qwen2Config:
+    return Qwen2Config(
+        vocab_size=100,
+        hidden_size=48,
+        intermediate_size=72,
+        num_hidden_layers=2,
+        num_attention_heads=4,  # head_dim = 12
+        num_key_value_heads=1,
+        hidden_act="silu",
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        use_sliding_window=False,
+    )
+
+
+MODELS = {
+    "granite_hybrid_rope": (GraniteMoeHybridForCausalLM, granite_rope_config),
+    "granite_hybrid_nope": (GraniteMoeHybridForCausalLM, granite_nope_config),
+    "qwen2": (Qwen2ForCausalLM, qwen2_config),
+    "qwen2_tied": (Qwen2ForCausalLM, qwen2_tied_config),
+}
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, gen: torch.Generator) -> None:
+    """Overwrite every parameter with seeded random values (tied params are visited once)."""
+
+    def randn(shape):
+        return torch.randn(shape, generator=gen, dtype=torch.float32)
+
+    def rand(shape):
+        return torch.rand(shape, generator=gen, dtype=torch.float32)
+
+    for name, p in model.named_parameters():  # deduplicates tied parameters
+        leaf = name.split(".")[-1]
+        shape = p.shape
+        if name.endswith("A_log"):
+            # A = -exp(A_log) in [-4, -0.5]
+            val = torch.log(0.5 + 3.5 * rand(shape))
+        elif name.endswith("dt_bias"):
+            # softplus(dt_bias) in [0.01, 0.3]; dt_bias = inverse softplus
+            dt = 0.01 + 0.29 * rand(shape)
+            val = torch.log(torch.expm1(dt))
+        elif leaf == "D":
+            val = 0.5 + rand(shape)
+        elif "norm" in name and leaf == "weight":
+            # RMSNorm (and the Mamba gated RMSNorm) weights
+            val = 1.0 + 0.15 * randn(shape)
+        elif "conv1d" in name and leaf == "weight":
+            val = 0.35 * randn(shape)
+        elif "conv1d" in name and leaf == "bias":
+            val = 0.1 * randn(shape)
+        elif "embed_tokens" in name:
+            val = 0.5 * randn(shape)
+        elif leaf == "bias":
+            val = 0.15 * randn(shape)
+        elif leaf == "weight" and p.ndim == 2:
+            fan_in = shape[1]
+            std = 1.0 / math.sqrt(fan_in)  # ~0.12-0.18 for these sizes
+            if name.startswith("lm_head"):
+                std *= 2.0
+            val = std * randn(shape)
+        else:
+            raise ValueError(f"unhandled parameter {name} {tuple(shape)}")
+        p.copy_(val.to(p.dtype))
+
+
+def capture_forward(model, input_ids):
+    """Run the HF forward and capture the per-layer activations with hooks."""
+    base = model.model
+    rec = {"layers": []}
+
+    def pre_hook(_mod, args, kwargs):
+        hs = args[0] if args else kwargs["hidden_states"]
+        rec["embeds"] = hs.detach().clone()
+
+    def layer_hook(_mod, _args, out):
+        hs = out[0] if isinstance(out, tuple) else out
+        rec["layers"].append(hs.detach().clone())
+
+    def norm_hook(_mod, _args, out):
+        rec["final"] = out.detach().clone()
+
+    handles = [base.layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)]
+    handles += [layer.register_forward_hook(layer_hook) for layer in base.layers]
+    handles.append(base.norm.register_forward_hook(norm_hook))
+    try:
+        with torch.no_grad():
+            out = model(input_ids=input_ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return out.logits, rec
+
+
+def make_one(name: str, seed: int) -> dict:
+    cls, cfg_fn = MODELS[name]
+    torch.manual_seed(seed)
+    config = cfg_fn()
+    model = cls(config).to(torch.float32).eval()
+    gen = torch.Generator().manual_seed(seed)
+    randomize_(model, gen)
+
+    if config.tie_word_embeddings:
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr(), "weights not tied"
+    else:
+        assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+
+    input_ids = torch.randint(0, config.vocab_size, (BATCH, SEQ_LEN), generator=gen, dtype=torch.int64)
+    logits, rec = capture_forward(model, input_ids)
+    assert logits.dtype == torch.float32 and logits.shape == (BATCH, SEQ_LEN, config.vocab_size)
+    assert torch.isfinite(logits).all()
+
+    out_dir = os.path.join(HERE, name)
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    # keep the directory minimal: config.json + model.safetensors (+ golden.npz)
+    for extra in ("generation_config.json",):
+        path = os.path.join(out_dir, extra)
+        if os.path.exists(path):
+            os.remove(path)
+
+    for f in os.listdir(out_dir):  # safetensors writes 0600; make the files world-readable
+        os.chmod(os.path.join(out_dir, f), 0o644)
+
+    np.savez(
+        os.path.join(out_dir, "golden.npz"),
+        input_ids=input_ids.numpy().astype(np.int32),
+        logits=logits.numpy().astype(np.float32),
+        embeds=rec["embeds"].numpy().astype(np.float32),
+        layer_outputs=torch.stack(rec["layers"]).numpy().astype(np.float32),
+        final_hidden=rec["final"].numpy().astype(np.float32),
+    )
+
+    # Round trip: the saved files alone must reproduce the logits.
+    reloaded = cls.from_pretrained(out_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits2 = reloaded(input_ids=input_ids, use_cache=False).logits
+    err = (logits2 - logits).abs().max().item()
+    assert err == 0.0, f"{name}: reloaded model differs by {err}"
+
+    # eager vs sdpa attention agree (sanity; golden uses the default implementation)
+    eager = cls.from_pretrained(out_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        logits3 = eager(input_ids=input_ids, use_cache=False).logits
+    err_eager = (logits3 - logits).abs().max().item()
+    assert err_eager < 1e-4, f"{name}: eager vs default attention differ by {err_eager}"
+
+    return {
+        "name": name,
+        "attn_impl": model.config._attn_implementation,
+        "logits_std": float(logits.std()),
+        "logits_absmax": float(logits.abs().max()),
+        "eager_vs_default_maxdiff": err_eager,
+        "files": {f: os.path.getsize(os.path.join(out_dir, f)) for f in sorted(os.listdir(out_dir))},
+    }
+
+
+def main(argv: list[str]) -> None:
+    names = argv or list(MODELS)
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, numpy {np.__version__}")
+    torch.use_deterministic_algorithms(True)
+    for i, name in enumerate(MODELS):
+        if name not in names:
+            continue
+        info = make_one(name, seed=1234 + i)
+        print(json.dumps(info))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
