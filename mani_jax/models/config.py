@@ -147,7 +147,7 @@ PRESETS: dict[str, ModelConfig] = {
                      n_heads=4, n_kv_heads=2, head_dim=32, d_ff=384, mamba_n_heads=8, mamba_head_dim=32,
                      d_state=32, chunk_size=32, max_seq_len=128),
     # 5-20M parameters, sized so `python -m experiments.chimera` trains in its time budget on 2 CPU cores.
-    "tiny": _preset(vocab_size=4096, d_model=256, n_layers=6, layer_types=hybrid_layer_types(6, 3),
+    "tiny": _preset(vocab_size=2048, d_model=256, n_layers=6, layer_types=hybrid_layer_types(6, 3),
                     n_heads=4, n_kv_heads=2, head_dim=64, d_ff=768, mamba_n_heads=8, mamba_head_dim=64,
                     d_state=32, chunk_size=64, max_seq_len=256, tie_embeddings=False),
     # 700M +/- 5% (counted with jax.eval_shape in the tests): one attention layer in six, Granite-4.0-H style.

@@ -1,0 +1,258 @@
+"""Chimera: tokenizer -> data -> pretraining -> evaluation -> sampling, on the complete works of Shakespeare.
+
+    python -m experiments.chimera                      # the `tiny` preset, ~20 min on 2 CPU cores
+    python -m experiments.chimera --preset smoke       # < 3 min, used by the tests
+    python -m experiments.chimera --out runs/x --resume --set model.d_state=16 --set learning_rate=1e-3
+
+Writes ``RUN_DIR/summary.json`` (preset, params, train_tokens, tokens_per_second, val_loss,
+unigram_val_loss, mfu, samples, ...), ``metrics.jsonl``, ``loss_curve.png``, ``tokenizer.model``,
+``model_config.json`` and orbax checkpoints, then prints a table. Losses are nats per token on the
+held-out plays (whole plays never seen in training), over exactly the same target tokens for the model
+and for the unigram baseline (a unigram model fit on the training targets with add-one smoothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mani_jax.config import apply_overrides, get_preset
+
+
+@dataclass(frozen=True)
+class ChimeraConfig:
+    """One run of the experiment. ``model_preset`` names a :data:`mani_jax.models.PRESETS` entry."""
+
+    model_preset: str = "tiny"
+    corpus: str = "shakespeare"
+    steps: int = 1000
+    batch_size: int = 16
+    seq_len: int = 256
+    learning_rate: float = 2e-3
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip_norm: float = 1.0
+    compute_dtype: str = "float32"
+    eval_every: int = 0
+    eval_batches: int = 0  # 0 = the whole validation split at every evaluation
+    checkpoint_every: int = 200
+    log_every: int = 10
+    seed: int = 0
+    n_samples: int = 3
+    sample_tokens: int = 64
+    sample_temperature: float = 0.8
+    sample_top_k: int = 40
+
+
+PRESETS: dict[str, ChimeraConfig] = {
+    "smoke": ChimeraConfig(model_preset="smoke", steps=120, batch_size=8, seq_len=128, learning_rate=3e-3,
+                           warmup_steps=10, checkpoint_every=60, log_every=10, n_samples=2, sample_tokens=24),
+    # 250 x 16 x 256 = 1.02M tokens (0.58 epoch); sized for <= 20 min on 2 cores at ~1,000 tokens/s.
+    "tiny": ChimeraConfig(model_preset="tiny", steps=250, batch_size=16, seq_len=256, learning_rate=2e-3,
+                          warmup_steps=25, eval_every=50, eval_batches=8, checkpoint_every=50, log_every=10),
+}
+
+SAMPLE_PROMPTS = ["ROMEO.\n", "To be, or not to be", "KING HENRY.\nNow, lords,"]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MANI_JAX_CACHE", Path.home() / ".cache" / "mani_jax"))
+
+
+def unigram_loss(train_docs: list[np.ndarray], val_docs: list[np.ndarray], vocab_size: int) -> float:
+    """Nats/token of the validation targets (each doc's tokens after the first) under an add-one-smoothed
+    unigram model fit on the training targets."""
+    counts = np.ones(vocab_size, np.float64)
+    for d in train_docs:
+        counts += np.bincount(d[1:], minlength=vocab_size)
+    logp = np.log(counts / counts.sum())
+    total, n = 0.0, 0
+    for d in val_docs:
+        total -= logp[d[1:]].sum()
+        n += len(d) - 1
+    return total / n
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=float))
+    tmp.replace(path)
+
+
+def _split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
+    model, run = [], []
+    for it in items:
+        (model if it.startswith("model.") else run).append(it.removeprefix("model."))
+    return model, run
+
+
+def run(cfg: ChimeraConfig, out: Path, *, preset: str, model_overrides: list[str] = (), resume: bool = False,
+        cache_dir: Path | None = None) -> dict:
+    import jax
+    from flax import nnx
+
+    from mani_jax.data import load_corpus, make_eval_batches, make_train_iterator, tokenize_corpus
+    from mani_jax.inference import generate
+    from mani_jax.models import HybridLM, count_params, get_config
+    from mani_jax.models.flops import forward_flops_per_token, measure_matmul_flops, train_flops_per_token
+    from mani_jax.tokenizer import Tokenizer, train_tokenizer
+    from mani_jax.train import TrainConfig, evaluate, train
+
+    t_start = time.perf_counter()
+    cache_dir = Path(cache_dir or default_cache_dir())
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume and (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
+        raise ValueError(f"--out {out}: holds checkpoints of an earlier run; pass --resume or pick a new RUN_DIR")
+    model_cfg = get_config(cfg.model_preset, list(model_overrides))
+    if cfg.seq_len > model_cfg.max_seq_len:
+        model_cfg = dataclasses.replace(model_cfg, max_seq_len=cfg.seq_len)
+
+    # 1. Corpus and tokenizer (trained on the training split; cached by corpus hash and vocab size).
+    print(f"[chimera] corpus {cfg.corpus!r} (cache {cache_dir})", flush=True)
+    corpus = load_corpus(cfg.corpus, cache_dir)
+    tok_path = out / "tokenizer.model"
+    if resume and tok_path.exists():
+        tokenizer = Tokenizer.load(tok_path)
+    else:
+        cached = cache_dir / "tokenizers" / f"{corpus.content_hash()[:16]}-v{model_cfg.vocab_size}"
+        if not (cached.with_suffix(".model")).exists():
+            print(f"[chimera] training a {model_cfg.vocab_size}-token SentencePiece BPE tokenizer", flush=True)
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            train_tokenizer((d.text for d in corpus.train), model_cfg.vocab_size, cached, seed=cfg.seed)
+        shutil.copyfile(cached.with_suffix(".model"), tok_path.with_suffix(".tmp"))
+        tok_path.with_suffix(".tmp").replace(tok_path)
+        tokenizer = Tokenizer.load(tok_path)
+    if tokenizer.vocab_size != model_cfg.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model expects {model_cfg.vocab_size}")
+    train_docs, val_docs = tokenize_corpus(corpus, tokenizer, cache_dir)
+    n_train_tokens = sum(len(d) for d in train_docs)
+    print(f"[chimera] {len(train_docs)} training docs ({n_train_tokens:,} tokens), {len(val_docs)} validation docs "
+          f"({sum(len(d) for d in val_docs):,} tokens)", flush=True)
+    unigram = unigram_loss(train_docs, val_docs, tokenizer.vocab_size)
+
+    # 2. Model, data iterator, training.
+    _write_json_atomic(out / "model_config.json", dataclasses.asdict(model_cfg))
+    model = HybridLM(model_cfg, rngs=nnx.Rngs(cfg.seed))
+    n_params = count_params(model_cfg)
+    train_iter = make_train_iterator(train_docs, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed)
+    val_batches = make_eval_batches(val_docs, seq_len=cfg.seq_len, batch_size=cfg.batch_size)
+    eval_subset = val_batches[:cfg.eval_batches] if cfg.eval_batches else val_batches
+    tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                       compute_dtype=cfg.compute_dtype, eval_every=cfg.eval_every,
+                       checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every, seed=cfg.seed,
+                       learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio,
+                       weight_decay=cfg.weight_decay, grad_clip_norm=cfg.grad_clip_norm)
+    print(f"[chimera] model {cfg.model_preset}: {n_params:,} parameters, layers {''.join(t[0].upper() for t in model_cfg.layer_types)} "
+          f"(M = Mamba-2, A = attention); {cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len} tokens", flush=True)
+    peak_before = measure_matmul_flops()
+    result = train(model, tcfg, train_iter, out_dir=out, resume=resume,
+                   eval_fn=(lambda m: evaluate(m, eval_subset, cfg.compute_dtype)) if cfg.eval_every else None)
+    peak_after = measure_matmul_flops()
+    peak = max(peak_before, peak_after)
+
+    # 3. Evaluation on the whole held-out split.
+    val_loss = evaluate(model, val_batches, cfg.compute_dtype)
+    flops_tok = train_flops_per_token(model_cfg, cfg.seq_len)
+    tps = result.get("tokens_per_second")
+    mfu = (flops_tok * tps / peak) if tps else None
+
+    # 4. Samples.
+    samples = []
+    for i, prompt in enumerate(SAMPLE_PROMPTS[:cfg.n_samples]):
+        ids = tokenizer.encode(prompt, add_bos=True)
+        new = generate(model, ids, cfg.sample_tokens, temperature=cfg.sample_temperature, top_k=cfg.sample_top_k,
+                       seed=cfg.seed + i, stop_ids=[tokenizer.eos_id])
+        samples.append({"prompt": prompt, "completion": tokenizer.decode([t for t in new if t != tokenizer.eos_id])})
+
+    summary = {
+        "preset": preset,
+        "model_preset": cfg.model_preset,
+        "params": n_params,
+        "layer_types": list(model_cfg.layer_types),
+        "vocab_size": model_cfg.vocab_size,
+        "steps": result["final_step"],
+        "train_tokens": result["train_tokens"],
+        "corpus_train_tokens": n_train_tokens,
+        "tokens_per_second": tps,
+        "val_loss": val_loss,
+        "unigram_val_loss": unigram,
+        "val_loss_margin_below_unigram": unigram - val_loss,
+        "val_bits_per_char": None,
+        "final_train_loss": result.get("final_loss_avg"),
+        "train_flops_per_token": flops_tok,
+        "forward_flops_per_token": forward_flops_per_token(model_cfg, cfg.seq_len),
+        "matmul_peak_flops": peak,
+        "matmul_peak_flops_before_after": [peak_before, peak_after],
+        "achieved_flops": flops_tok * tps if tps else None,
+        "mfu": mfu,
+        "compile_seconds": result.get("compile_seconds"),
+        "train_seconds": result.get("wall_seconds"),
+        "wall_seconds": time.perf_counter() - t_start,
+        "device": str(jax.devices()[0]),
+        "jax_version": jax.__version__,
+        "config": dataclasses.asdict(cfg),
+        "model_config": dataclasses.asdict(model_cfg),
+        "samples": samples,
+        "metrics_path": "metrics.jsonl",
+        "plot": "loss_curve.png",
+    }
+    val_chars = corpus.num_chars("validation")
+    n_val_targets = sum(len(d) - 1 for d in val_docs)
+    summary["val_bits_per_char"] = val_loss * n_val_targets / val_chars / math.log(2)
+    _write_json_atomic(out / "summary.json", summary)
+    _print_table(summary)
+    return summary
+
+
+def _print_table(s: dict) -> None:
+    rows = [
+        ("preset", s["preset"]), ("params", f"{s['params']:,}"), ("train tokens", f"{s['train_tokens']:,}"),
+        ("tokens/s", f"{s['tokens_per_second']:.0f}" if s["tokens_per_second"] else "-"),
+        ("val loss (nats/token)", f"{s['val_loss']:.4f}"), ("unigram val loss", f"{s['unigram_val_loss']:.4f}"),
+        ("margin below unigram", f"{s['val_loss_margin_below_unigram']:.4f}"),
+        ("val bits/char", f"{s['val_bits_per_char']:.4f}"),
+        ("MFU (vs f32 matmul peak)", f"{100 * s['mfu']:.1f}% of {s['matmul_peak_flops'] / 1e9:.0f} GFLOP/s"
+         if s["mfu"] else "-"),
+        ("wall time", f"{s['wall_seconds']:.0f} s"),
+    ]
+    w = max(len(k) for k, _ in rows)
+    print("\n" + "\n".join(f"  {k:<{w}}  {v}" for k, v in rows))
+    for smp in s["samples"]:
+        print(f"\n--- {smp['prompt']!r}\n{smp['prompt']}{smp['completion']}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m experiments.chimera", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="tiny", help=f"one of {sorted(PRESETS)} (default tiny)")
+    p.add_argument("--steps", type=int, default=None, help="override the preset's number of training steps")
+    p.add_argument("--out", type=Path, default=None, help="run directory (default runs/chimera-<preset>)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--corpus", default=None, help="'shakespeare' (default), a directory of .txt files, or a .jsonl")
+    p.add_argument("--cache-dir", type=Path, default=None, help="downloads and token caches (default "
+                   "$MANI_JAX_CACHE or ~/.cache/mani_jax)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a run field (e.g. learning_rate=1e-3) or a model field (model.d_state=16)")
+    args = p.parse_args(argv)
+    cfg = get_preset(PRESETS, args.preset, "experiment preset")
+    model_ov, run_ov = _split_overrides(args.overrides)
+    if args.steps is not None:
+        run_ov.append(f"steps={args.steps}")
+    if args.corpus is not None:
+        run_ov.append(f"corpus={args.corpus}")
+    cfg = apply_overrides(cfg, run_ov)
+    out = args.out or Path("runs") / f"chimera-{args.preset}"
+    return run(cfg, out, preset=args.preset, model_overrides=model_ov, resume=args.resume, cache_dir=args.cache_dir)
+
+
+if __name__ == "__main__":
+    main()
