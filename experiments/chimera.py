@@ -26,40 +26,38 @@ from pathlib import Path
 import numpy as np
 
 from mani_jax.config import apply_overrides, get_preset
+from mani_jax.train.trainer import TrainConfig
 
 
 @dataclass(frozen=True)
 class ChimeraConfig:
-    """One run of the experiment. ``model_preset`` names a :data:`mani_jax.models.PRESETS` entry."""
+    """One run of the experiment: what to train on and how to sample; ``train`` holds the optimisation.
+
+    ``model_preset`` names a :data:`mani_jax.models.PRESETS` entry. ``eval_batches`` limits the interim
+    evaluations (every ``train.eval_every`` steps) to the first N validation batches; the final
+    evaluation always covers the whole held-out split.
+    """
 
     model_preset: str = "tiny"
     corpus: str = "shakespeare"
-    steps: int = 1000
-    batch_size: int = 16
-    seq_len: int = 256
-    learning_rate: float = 2e-3
-    warmup_steps: int = 50
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    grad_clip_norm: float = 1.0
-    compute_dtype: str = "float32"
-    eval_every: int = 0
-    eval_batches: int = 0  # 0 = the whole validation split at every evaluation
-    checkpoint_every: int = 200
-    log_every: int = 10
-    seed: int = 0
+    eval_batches: int = 0
     n_samples: int = 3
     sample_tokens: int = 64
     sample_temperature: float = 0.8
     sample_top_k: int = 40
+    train: TrainConfig = TrainConfig()
 
 
 PRESETS: dict[str, ChimeraConfig] = {
-    "smoke": ChimeraConfig(model_preset="smoke", steps=120, batch_size=8, seq_len=128, learning_rate=3e-3,
-                           warmup_steps=10, checkpoint_every=60, log_every=10, n_samples=2, sample_tokens=24),
+    "smoke": ChimeraConfig(
+        model_preset="smoke", n_samples=2, sample_tokens=24,
+        train=TrainConfig(steps=120, batch_size=8, seq_len=128, learning_rate=3e-3, warmup_steps=10,
+                          checkpoint_every=60, log_every=10)),
     # 250 x 16 x 256 = 1.02M tokens (0.58 epoch); sized for <= 20 min on 2 cores at ~1,000 tokens/s.
-    "tiny": ChimeraConfig(model_preset="tiny", steps=250, batch_size=16, seq_len=256, learning_rate=2e-3,
-                          warmup_steps=25, eval_every=50, eval_batches=8, checkpoint_every=50, log_every=10),
+    "tiny": ChimeraConfig(
+        model_preset="tiny", eval_batches=8,
+        train=TrainConfig(steps=250, batch_size=16, seq_len=256, learning_rate=2e-3, warmup_steps=25,
+                          eval_every=50, checkpoint_every=50, log_every=10)),
 }
 
 SAMPLE_PROMPTS = ["ROMEO.\n", "To be, or not to be", "KING HENRY.\nNow, lords,"]
@@ -89,11 +87,20 @@ def _write_json_atomic(path: Path, obj) -> None:
     tmp.replace(path)
 
 
-def _split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
-    model, run = [], []
+def _split_overrides(items: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """Route ``key=value`` overrides: ``model.*`` to the model config, experiment fields to
+    :class:`ChimeraConfig`, everything else to :class:`~mani_jax.train.TrainConfig`."""
+    own = {f.name for f in dataclasses.fields(ChimeraConfig)} - {"train"}
+    model, exp, train = [], [], []
     for it in items:
-        (model if it.startswith("model.") else run).append(it.removeprefix("model."))
-    return model, run
+        key = it.split("=", 1)[0].strip()
+        if key.startswith("model."):
+            model.append(it.removeprefix("model."))
+        elif key in own:
+            exp.append(it)
+        else:
+            train.append(it)
+    return model, exp, train
 
 
 def run(cfg: ChimeraConfig, out: Path, *, preset: str, model_overrides: list[str] = (), resume: bool = False,
@@ -106,7 +113,7 @@ def run(cfg: ChimeraConfig, out: Path, *, preset: str, model_overrides: list[str
     from mani_jax.models import HybridLM, count_params, get_config
     from mani_jax.models.flops import forward_flops_per_token, measure_matmul_flops, train_flops_per_token
     from mani_jax.tokenizer import Tokenizer, train_tokenizer
-    from mani_jax.train import TrainConfig, evaluate, train
+    from mani_jax.train import evaluate, train
 
     t_start = time.perf_counter()
     cache_dir = Path(cache_dir or default_cache_dir())
@@ -114,8 +121,9 @@ def run(cfg: ChimeraConfig, out: Path, *, preset: str, model_overrides: list[str
     if not resume and (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
         raise ValueError(f"--out {out}: holds checkpoints of an earlier run; pass --resume or pick a new RUN_DIR")
     model_cfg = get_config(cfg.model_preset, list(model_overrides))
-    if cfg.seq_len > model_cfg.max_seq_len:
-        model_cfg = dataclasses.replace(model_cfg, max_seq_len=cfg.seq_len)
+    tcfg = cfg.train
+    if tcfg.seq_len > model_cfg.max_seq_len:
+        model_cfg = dataclasses.replace(model_cfg, max_seq_len=tcfg.seq_len)
 
     # 1. Corpus and tokenizer (trained on the training split; cached by corpus hash and vocab size).
     print(f"[chimera] corpus {cfg.corpus!r} (cache {cache_dir})", flush=True)
@@ -128,7 +136,7 @@ def run(cfg: ChimeraConfig, out: Path, *, preset: str, model_overrides: list[str
         if not (cached.with_suffix(".model")).exists():
             print(f"[chimera] training a {model_cfg.vocab_size}-token SentencePiece BPE tokenizer", flush=True)
             cached.parent.mkdir(parents=True, exist_ok=True)
-            train_tokenizer((d.text for d in corpus.train), model_cfg.vocab_size, cached, seed=cfg.seed)
+            train_tokenizer((d.text for d in corpus.train), model_cfg.vocab_size, cached, seed=tcfg.seed)
         shutil.copyfile(cached.with_suffix(".model"), tok_path.with_suffix(".tmp"))
         tok_path.with_suffix(".tmp").replace(tok_path)
         tokenizer = Tokenizer.load(tok_path)
@@ -142,27 +150,22 @@ def run(cfg: ChimeraConfig, out: Path, *, preset: str, model_overrides: list[str
 
     # 2. Model, data iterator, training.
     _write_json_atomic(out / "model_config.json", dataclasses.asdict(model_cfg))
-    model = HybridLM(model_cfg, rngs=nnx.Rngs(cfg.seed))
+    model = HybridLM(model_cfg, rngs=nnx.Rngs(tcfg.seed))
     n_params = count_params(model_cfg)
-    train_iter = make_train_iterator(train_docs, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed)
-    val_batches = make_eval_batches(val_docs, seq_len=cfg.seq_len, batch_size=cfg.batch_size)
+    train_iter = make_train_iterator(train_docs, seq_len=tcfg.seq_len, batch_size=tcfg.batch_size, seed=tcfg.seed)
+    val_batches = make_eval_batches(val_docs, seq_len=tcfg.seq_len, batch_size=tcfg.batch_size)
     eval_subset = val_batches[:cfg.eval_batches] if cfg.eval_batches else val_batches
-    tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
-                       compute_dtype=cfg.compute_dtype, eval_every=cfg.eval_every,
-                       checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every, seed=cfg.seed,
-                       learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio,
-                       weight_decay=cfg.weight_decay, grad_clip_norm=cfg.grad_clip_norm)
     print(f"[chimera] model {cfg.model_preset}: {n_params:,} parameters, layers {''.join(t[0].upper() for t in model_cfg.layer_types)} "
-          f"(M = Mamba-2, A = attention); {cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len} tokens", flush=True)
+          f"(M = Mamba-2, A = attention); {tcfg.steps} steps of {tcfg.batch_size}x{tcfg.seq_len} tokens", flush=True)
     peak_before = measure_matmul_flops()
     result = train(model, tcfg, train_iter, out_dir=out, resume=resume,
-                   eval_fn=(lambda m: evaluate(m, eval_subset, cfg.compute_dtype)) if cfg.eval_every else None)
+                   eval_fn=(lambda m: evaluate(m, eval_subset, tcfg.compute_dtype)) if tcfg.eval_every else None)
     peak_after = measure_matmul_flops()
     peak = max(peak_before, peak_after)
 
     # 3. Evaluation on the whole held-out split.
-    val_loss = evaluate(model, val_batches, cfg.compute_dtype)
-    flops_tok = train_flops_per_token(model_cfg, cfg.seq_len)
+    val_loss = evaluate(model, val_batches, tcfg.compute_dtype)
+    flops_tok = train_flops_per_token(model_cfg, tcfg.seq_len)
     tps = result.get("tokens_per_second")
     mfu = (flops_tok * tps / peak) if tps else None
 
@@ -171,7 +174,7 @@ def run(cfg: ChimeraConfig, out: Path, *, preset: str, model_overrides: list[str
     for i, prompt in enumerate(SAMPLE_PROMPTS[:cfg.n_samples]):
         ids = tokenizer.encode(prompt, add_bos=True)
         new = generate(model, ids, cfg.sample_tokens, temperature=cfg.sample_temperature, top_k=cfg.sample_top_k,
-                       seed=cfg.seed + i, stop_ids=[tokenizer.eos_id])
+                       seed=tcfg.seed + i, stop_ids=[tokenizer.eos_id])
         samples.append({"prompt": prompt, "completion": tokenizer.decode([t for t in new if t != tokenizer.eos_id])})
 
     summary = {
@@ -190,7 +193,7 @@ def run(cfg: ChimeraConfig, out: Path, *, preset: str, model_overrides: list[str
         "val_bits_per_char": None,
         "final_train_loss": result.get("final_loss_avg"),
         "train_flops_per_token": flops_tok,
-        "forward_flops_per_token": forward_flops_per_token(model_cfg, cfg.seq_len),
+        "forward_flops_per_token": forward_flops_per_token(model_cfg, tcfg.seq_len),
         "matmul_peak_flops": peak,
         "matmul_peak_flops_before_after": [peak_before, peak_after],
         "achieved_flops": flops_tok * tps if tps else None,
@@ -244,12 +247,13 @@ def main(argv: list[str] | None = None) -> dict:
                    help="override a run field (e.g. learning_rate=1e-3) or a model field (model.d_state=16)")
     args = p.parse_args(argv)
     cfg = get_preset(PRESETS, args.preset, "experiment preset")
-    model_ov, run_ov = _split_overrides(args.overrides)
+    model_ov, exp_ov, train_ov = _split_overrides(args.overrides)
     if args.steps is not None:
-        run_ov.append(f"steps={args.steps}")
+        train_ov.append(f"steps={args.steps}")
     if args.corpus is not None:
-        run_ov.append(f"corpus={args.corpus}")
-    cfg = apply_overrides(cfg, run_ov)
+        exp_ov.append(f"corpus={args.corpus}")
+    cfg = apply_overrides(cfg, exp_ov)
+    cfg = dataclasses.replace(cfg, train=apply_overrides(cfg.train, train_ov))
     out = args.out or Path("runs") / f"chimera-{args.preset}"
     return run(cfg, out, preset=args.preset, model_overrides=model_ov, resume=args.resume, cache_dir=args.cache_dir)
 

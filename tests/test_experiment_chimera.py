@@ -17,7 +17,7 @@ def test_smoke_preset_end_to_end_and_resume(tmp_path):
         assert key in on_disk, key
     assert on_disk["preset"] == "smoke" and on_disk["params"] == s["params"]
     assert s["val_loss"] < s["unigram_val_loss"]
-    assert s["train_tokens"] == s["steps"] * s["config"]["batch_size"] * s["config"]["seq_len"]
+    assert s["train_tokens"] == s["steps"] * s["config"]["train"]["batch_size"] * s["config"]["train"]["seq_len"]
     assert 0 < s["mfu"] < 1.5
     assert len(s["samples"]) == 2 and all(isinstance(x["completion"], str) for x in s["samples"])
     assert (out / "loss_curve.png").stat().st_size > 0 and (out / "tokenizer.model").exists()
@@ -26,7 +26,7 @@ def test_smoke_preset_end_to_end_and_resume(tmp_path):
         chimera.main(["--preset", "smoke", "--out", str(out)])
     s2 = chimera.main(["--preset", "smoke", "--out", str(out), "--resume", "--steps", str(s["steps"] + 10)])
     assert s2["steps"] == s["steps"] + 10
-    assert s2["train_tokens"] == s2["steps"] * s["config"]["batch_size"] * s["config"]["seq_len"]
+    assert s2["train_tokens"] == s2["steps"] * s["config"]["train"]["batch_size"] * s["config"]["train"]["seq_len"]
 
 
 def test_bad_arguments():

@@ -142,6 +142,8 @@ def test_bad_model_inputs():
         model(jnp.zeros((2, 5), jnp.int32), segment_ids=jnp.zeros((2, 4), jnp.int32))
     with pytest.raises(ValueError, match="token"):
         model.decode_step(jnp.zeros((2, 1), jnp.int32), model.init_cache(2, 8))
+    with pytest.raises(ValueError, match="overflow"):
+        model.prefill(jnp.zeros((2, 9), jnp.int32), model.init_cache(2, 8))
 
 
 def test_bfloat16_params_run():

@@ -321,10 +321,12 @@ class HybridLM(nnx.Module):
         """
         self._check_tokens(tokens, 2)
         b, t = tokens.shape
-        attn_caches = [c for c, l in zip(cache["layers"], self.layers) if l.layer_type == "attention"]
-        if attn_caches and isinstance(cache["pos"], int) and cache["pos"] + t > attn_caches[0]["k"].shape[1]:
-            raise ValueError(f"tokens: {t} more tokens overflow the cache of {attn_caches[0]['k'].shape[1]}")
         pos = cache["pos"]
+        attn_caches = [c for c, l in zip(cache["layers"], self.layers) if l.layer_type == "attention"]
+        if attn_caches and not isinstance(pos, jax.core.Tracer):  # under jit the caller owns the bound
+            size = attn_caches[0]["k"].shape[1]
+            if int(pos) + t > size:
+                raise ValueError(f"tokens: {int(pos)} cached + {t} new tokens overflow the cache of {size} slots")
         positions = jnp.broadcast_to(pos + jnp.arange(t, dtype=jnp.int32), (b, t))
         x = self._embed(tokens)
         new_layers = []
