@@ -45,6 +45,9 @@ class ChimeraConfig:
     sample_tokens: int = 64
     sample_temperature: float = 0.8
     sample_top_k: int = 40
+    gguf_quants: tuple[str, ...] = ("f16", "q8_0", "q4_0")  # empty = skip the export stage
+    gguf_greedy_tokens: int = 64
+    gguf_passage_tokens: int = 128
     train: TrainConfig = TrainConfig()
 
 
@@ -177,6 +180,9 @@ def run(cfg: ChimeraConfig, out: Path, *, preset: str, model_overrides: list[str
                        seed=tcfg.seed + i, stop_ids=[tokenizer.eos_id])
         samples.append({"prompt": prompt, "completion": tokenizer.decode([t for t in new if t != tokenizer.eos_id])})
 
+    # 5. Export to GGUF, run each file in llama.cpp, compare with JAX on a held-out passage.
+    gguf_results = export_stage(cfg, model, tokenizer, val_docs, out, preset) if cfg.gguf_quants else []
+
     summary = {
         "preset": preset,
         "model_preset": cfg.model_preset,
@@ -206,6 +212,7 @@ def run(cfg: ChimeraConfig, out: Path, *, preset: str, model_overrides: list[str
         "config": dataclasses.asdict(cfg),
         "model_config": dataclasses.asdict(model_cfg),
         "samples": samples,
+        "gguf": gguf_results,
         "metrics_path": "metrics.jsonl",
         "plot": "loss_curve.png",
     }
@@ -215,6 +222,38 @@ def run(cfg: ChimeraConfig, out: Path, *, preset: str, model_overrides: list[str
     _write_json_atomic(out / "summary.json", summary)
     _print_table(summary)
     return summary
+
+
+def export_stage(cfg: ChimeraConfig, model, tokenizer, val_docs, out: Path, preset: str) -> list[dict]:
+    """Export ``model`` at each of ``cfg.gguf_quants``, load each file in llama.cpp and compare with JAX.
+
+    The passage is the start of the first held-out play (BOS included), at most ``gguf_passage_tokens``
+    tokens and short enough that ``gguf_greedy_tokens`` greedy tokens still fit in ``max_seq_len``.
+    """
+    from mani_jax.export import compare_with_llama_cpp, export_gguf
+
+    n_greedy = cfg.gguf_greedy_tokens
+    n_passage = min(cfg.gguf_passage_tokens, model.config.max_seq_len - n_greedy, len(val_docs[0]))
+    if n_passage < 2:
+        raise ValueError(f"gguf_greedy_tokens={n_greedy} leaves no room for a passage in max_seq_len="
+                         f"{model.config.max_seq_len}")
+    passage = [int(t) for t in val_docs[0][:n_passage]]
+    results = []
+    for quant in cfg.gguf_quants:
+        path = out / f"chimera-{preset}-{quant}.gguf"
+        print(f"[chimera] exporting {path.name} and running it in llama.cpp", flush=True)
+        export_gguf(model, tokenizer, path, quant=quant, name=f"chimera-{preset}")
+        stats = compare_with_llama_cpp(model, path, passage, n_greedy=n_greedy)
+        results.append({
+            "path": path.name, "quant": quant, "size_bytes": path.stat().st_size,
+            **{k: stats[k] for k in ("max_rel_logit_diff", "top1_agreement", "mean_kl", "greedy_match_tokens",
+                                     "prompt_tokens_per_second", "decode_tokens_per_second",
+                                     "time_to_first_token_s")},
+            "n_greedy": n_greedy, "passage_tokens": n_passage,
+            "llama_cpp_continuation": tokenizer.decode([t for t in stats["llama_greedy_tokens"]
+                                                        if t != tokenizer.eos_id]),
+        })
+    return results
 
 
 def _print_table(s: dict) -> None:
@@ -230,6 +269,16 @@ def _print_table(s: dict) -> None:
     ]
     w = max(len(k) for k, _ in rows)
     print("\n" + "\n".join(f"  {k:<{w}}  {v}" for k, v in rows))
+    if s.get("gguf"):
+        print("\n  GGUF in llama.cpp (vs JAX on a held-out passage)")
+        print(f"  {'file':<26} {'MiB':>7} {'rel max dlogit':>15} {'top-1':>7} {'KL':>9} {'greedy':>7} "
+              f"{'TTFT s':>7} {'decode tok/s':>13}")
+        for g in s["gguf"]:
+            print(f"  {g['path']:<26} {g['size_bytes'] / 2**20:7.2f} {g['max_rel_logit_diff']:15.2e} "
+                  f"{g['top1_agreement']:7.3f} {g['mean_kl']:9.2e} {g['greedy_match_tokens']:>3}/{g['n_greedy']:<3} "
+                  f"{g['time_to_first_token_s']:7.3f} {g['decode_tokens_per_second']:13.1f}")
+        g = s["gguf"][-1]
+        print(f"\n--- llama.cpp ({g['quant']}) continues the held-out passage:\n{g['llama_cpp_continuation']}")
     for smp in s["samples"]:
         print(f"\n--- {smp['prompt']!r}\n{smp['prompt']}{smp['completion']}")
 

@@ -59,7 +59,7 @@ TOKENIZER_CASES = [
     "\ttabs\tand\t\ttabs",
     "\r\nwindows\r\n",
     "héllo wörld — “quotes”",
-    "<|user|>Hello<|end|><|assistant|>Hi!<|end|>",
+    "<s> and </s> and <pad> are literal text here",
     " ",
     "\n",
 ]
@@ -143,6 +143,10 @@ def test_select_arch_and_unexportable_configs(tok, tmp_path):
         xg.export_gguf(make_model("AA", rope=False), tok, tmp_path / "x.gguf", arch="llama")
     with pytest.raises(ValueError, match="Mamba-2"):
         xg.export_gguf(make_model("MA"), tok, tmp_path / "x.gguf", arch="granite")
+    with pytest.raises(ValueError, match="no attention layer"):  # llama.cpp would abort on the first decode
+        xg.export_gguf(make_model("MMM"), tok, tmp_path / "x.gguf")
+    with pytest.raises(ValueError, match="no Mamba-2 layer"):
+        xg.export_gguf(make_model("AA"), tok, tmp_path / "x.gguf", arch="granitehybrid")
     with pytest.raises(ValueError, match="quant"):
         xg.export_gguf(make_model("AA"), tok, tmp_path / "x.gguf", quant="q3_k")
     with pytest.raises(ValueError, match="vocab_size"):
@@ -223,6 +227,10 @@ def test_read_back_tokenizer_matches_for_every_case(tok, tmp_path):
     for text in TOKENIZER_CASES:
         assert tok2.encode(text) == tok.encode(text), text
         assert tok2.decode(tok2.encode(text)) == text
+    m16, _ = xg.load(path, param_dtype="bfloat16")
+    assert m16.embed.embedding.dtype == jnp.bfloat16 and m16.config.param_dtype == "bfloat16"
+    with pytest.raises(ValueError, match="param_dtype"):
+        xg.load(path, param_dtype="float16")
 
 
 # ------------------------------------------------------------------------------------------------- malformed files
@@ -336,7 +344,6 @@ PARITY_CASES = {
                                              tie_embeddings=False, rope_theta=500.0), None),
     "dense-llama-tied": ("AAA", dict(n_kv_heads=1, head_dim=32), None),
     "dense-granite-nope-scalars": ("AAA", dict(rope=False, embedding_multiplier=1.5, logits_scaling=0.8), None),
-    "dense-as-granitehybrid": ("AAA", dict(attention_bias=True, residual_multiplier=0.8), "granitehybrid"),
 }
 
 
@@ -370,7 +377,8 @@ def test_transformers_goldens_run_in_llama_cpp(tmp_path, name):
 
 def test_tokenizer_parity_with_llama_cpp(tok, tmp_path):
     _llama_cpp()
-    path = export(make_model("AA"), tok, tmp_path / "m.gguf", chat_template="{% for m in messages %}{{ m.content }}{% endfor %}")
+    template = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    path = export(make_model("AA"), tok, tmp_path / "m.gguf", chat_template=template)
     with parity.open_llama(path) as llm:
         assert llm.metadata["tokenizer.chat_template"].startswith("{% for m")
         assert (llm.token_bos(), llm.token_eos(), llm.n_vocab()) == (1, 2, 448)
@@ -380,6 +388,13 @@ def test_tokenizer_parity_with_llama_cpp(tok, tmp_path):
             assert llm.tokenize(text.encode(), add_bos=True) == [tok.bos_id] + ids, text
             assert llm.detokenize(ids).decode("utf-8") == text, text
         assert any(8 <= i < 264 for i in tok.encode("😀"))  # the emoji really goes through byte fallback
+        # Chat markup: llama.cpp's vocab loader forces a token spelled "<|end|>" to CONTROL + end-of-generation
+        # (text-based auto-detection), so it is parsed only with special=True, as chat completion does.
+        chat = "<|system|>Be brief.<|end|><|user|>Hello<|end|><|assistant|>Hi!<|end|>"
+        ids = tok.encode(chat)
+        assert ids.count(7) == 3 and ids[0] == 4
+        assert llm.tokenize(chat.encode(), add_bos=False, special=True) == ids
+        assert llm.detokenize(ids, special=True).decode("utf-8") == chat
 
 
 def _train(model, tok, steps: int = 60):
@@ -426,6 +441,7 @@ def test_quantized_parity_with_llama_cpp(tok, tmp_path, trained):
     for quant in ("f16", "q8_0", "q4_0"):
         path = export(trained, tok, tmp_path / f"m-{quant}.gguf", quant)
         results[quant] = parity.compare_with_llama_cpp(trained, path, ids, n_greedy=16)
+    print({q: {k: v for k, v in r.items() if not k.endswith("_tokens")} for q, r in results.items()})
     assert results["f16"]["max_rel_logit_diff"] <= 1e-2 and results["f16"]["greedy_match_tokens"] == 16
     assert results["q8_0"]["top1_agreement"] >= 0.98, results["q8_0"]
     assert results["q8_0"]["mean_kl"] < 1e-2

@@ -24,7 +24,10 @@ from pathlib import Path
 def _parser() -> argparse.ArgumentParser:
     from mani_jax.export.gguf import QUANT_TYPES
 
-    p = argparse.ArgumentParser(prog="python -m mani_jax.export", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m mani_jax.export",
+                                description="Write a GGUF file for llama.cpp from a training run or a Hugging "
+                                            "Face directory.",
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", metavar="RUN_DIR", help="training run directory (model_config.json, "

@@ -6,7 +6,7 @@ the llama.cpp that llama-cpp-python 0.3.36 vendors, ``src/models/{granite-hybrid
 =====================================================  ===============  ==========================================
 model                                                  ``arch``         why
 =====================================================  ===============  ==========================================
-any Mamba-2 layer (the Chimera hybrid)                 granitehybrid    the only arch with per-layer "Mamba-2 or
+Mamba-2 and attention layers (the Chimera hybrid)      granitehybrid    the only arch with per-layer "Mamba-2 or
                                                                         attention" + SwiGLU FFN; layer ``i`` is
                                                                         Mamba-2 iff ``head_count_kv[i] == 0``
 all attention, RoPE on, default Granite scalars        llama            the general dense decoder (q/k/v/o and
@@ -17,8 +17,10 @@ all attention, NoPE or non-default Granite scalars     granite          llama's 
 =====================================================  ===============  ==========================================
 
 All three use NORM (adjacent-pair) RoPE while the JAX model rotates halves (NEOX), so the q/k projection
-rows (weights and biases) are permuted per head (``_permute_qk``, the Hugging Face converter's ``permute``);
-:func:`load` undoes it. The scalars map ``embedding_multiplier -> embedding_scale``, ``attention_multiplier ->
+rows (weights and biases) are permuted per head (:func:`permute_qk`, the Hugging Face converter's ``permute``);
+:func:`load` undoes it. A model with only Mamba-2 layers cannot be exported: llama.cpp's ``granitehybrid`` (like a
+granitehybrid file with only attention layers) aborts on its first decode, and ``mamba2`` has no FFN. The scalars
+map ``embedding_multiplier -> embedding_scale``, ``attention_multiplier ->
 attention.scale`` (softmax scale; absent = ``1/sqrt(head_dim)``), ``residual_multiplier -> residual_scale``
 and ``logits_scaling -> logit_scale`` (logits are divided by it); ``rope=False`` writes
 ``rope.scaling.finetuned = false``.
@@ -42,7 +44,7 @@ import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -114,6 +116,13 @@ def _check_exportable(cfg, arch: str) -> None:
                          "attention; export a model with sliding_window=None")
     if cfg.n_mamba_layers and arch != "granitehybrid":
         raise ValueError(f"arch={arch!r} cannot hold Mamba-2 layers; only 'granitehybrid' can")
+    if arch == "granitehybrid" and (cfg.n_mamba_layers == 0 or cfg.n_attention_layers == 0):
+        # Verified with llama-cpp-python 0.3.36: the model loads, then the first llama_decode aborts the process
+        # (GGML_ASSERT(buffer) in llm_graph_input_mem_hybrid::set_input: an empty KV or recurrent cache).
+        kind = "Mamba-2" if cfg.n_mamba_layers == 0 else "attention"
+        raise ValueError(f"ModelConfig.layer_types has no {kind} layer: llama.cpp's granitehybrid aborts on a model "
+                         "without both layer kinds" + ("" if cfg.n_mamba_layers == 0 else
+                                                         " (and no other llama.cpp arch holds Mamba-2 + FFN blocks)"))
     if arch == "granitehybrid" and cfg.n_mamba_layers:
         if cfg.expand != 2:
             raise ValueError(f"ModelConfig.expand={cfg.expand}: llama.cpp granitehybrid requires expand == 2 "
@@ -162,10 +171,12 @@ def _tensor_plan(cfg, arch: str) -> list[_TensorSpec]:
             permute = arch in _NORM_ROPE_ARCHS
             for proj, short, rows in (("q_proj", "q", nq), ("k_proj", "k", nkv), ("v_proj", "v", nkv)):
                 kind = short if (permute and short in "qk") else "T"
-                specs.append(_TensorSpec(f"{b}attn_{short}.weight", L + ("mixer", proj, "kernel"), kind, (rows, d), False))
+                specs.append(_TensorSpec(f"{b}attn_{short}.weight", L + ("mixer", proj, "kernel"), kind, (rows, d),
+                                         False))
                 if cfg.attention_bias:
                     bkind = short + "b" if (permute and short in "qk") else "id"
-                    specs.append(_TensorSpec(f"{b}attn_{short}.bias", L + ("mixer", proj, "bias"), bkind, (rows,), True))
+                    specs.append(_TensorSpec(f"{b}attn_{short}.bias", L + ("mixer", proj, "bias"), bkind, (rows,),
+                                             True))
             specs.append(_TensorSpec(b + "attn_output.weight", L + ("mixer", "o_proj", "kernel"), "T", (d, nq), False))
             if cfg.attention_out_bias:
                 specs.append(_TensorSpec(b + "attn_output.bias", L + ("mixer", "o_proj", "bias"), "id", (d,), True))
@@ -446,8 +457,9 @@ def export_gguf(model, tokenizer, path, *, quant: str = "f16", name: str = "mani
     Args:
       model: the model; its ``config`` decides the architecture (:func:`select_arch`). Parameters may be
         float32 or bfloat16 (written from float32 copies).
-      tokenizer: a :class:`mani_jax.tokenizer.Tokenizer` (SentencePiece; written as ``tokenizer.ggml.model =
-        "llama"`` with pieces, scores, types, bos/eos/unk/pad, ``add_bos_token=true``), or ``None`` for a
+      tokenizer: a :class:`mani_jax.tokenizer.Tokenizer` or the path of its ``.model`` (SentencePiece; written
+        as ``tokenizer.ggml.model = "llama"`` with pieces, scores, types, bos/eos/unk/pad, ``add_bos_token=true``,
+        ``add_space_prefix``/``remove_extra_whitespaces`` from its normalizer, both false for ours), or ``None`` for a
         placeholder vocabulary (``<unk> <s> </s>``, byte pieces, ``[PADi]``) that lets llama.cpp run token ids.
         Its size may be smaller than ``config.vocab_size`` (padded with UNUSED ``[PADi]`` pieces), not larger.
       path: output file; its directory must exist. Written to a temporary file beside it and renamed.
@@ -464,8 +476,10 @@ def export_gguf(model, tokenizer, path, *, quant: str = "f16", name: str = "mani
 
     Raises:
       ValueError: unknown ``quant``/``arch``; a config the architecture cannot hold (sliding window, Mamba
-        expand != 2 or projection biases, Granite scalars under ``llama``, a zero scale); a tokenizer larger
+        expand != 2 or projection biases, only one layer kind under ``granitehybrid``, Granite scalars or NoPE
+        under ``llama``, a zero scale); a tokenizer larger
         than the vocabulary; a missing output directory.
+      TypeError: ``tokenizer`` is not a Tokenizer, a path or None.
       ImportError: a K-quant without llama-cpp-python.
       RuntimeError: llama.cpp's quantizer failed.
 
@@ -481,6 +495,13 @@ def export_gguf(model, tokenizer, path, *, quant: str = "f16", name: str = "mani
     path = Path(path)
     if not path.parent.is_dir():
         raise ValueError(f"path: directory {str(path.parent)!r} does not exist")
+    if isinstance(tokenizer, (str, os.PathLike)):
+        from mani_jax.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.load(tokenizer)
+    if tokenizer is not None and not hasattr(tokenizer, "pieces"):
+        raise TypeError(f"tokenizer: expected a mani_jax.tokenizer.Tokenizer, a .model path or None, "
+                        f"got {type(tokenizer).__name__}")
     if chat_template is None:
         chat_template = getattr(tokenizer, "chat_template", None)
     ggml_type, file_type = QUANT_TYPES[quant]
@@ -586,7 +607,8 @@ def _config_from_metadata(meta: _Meta, arch: str, tensors: dict[str, Any]):
     kv = meta.get(a + "attention.head_count_kv", n_heads)
     if isinstance(kv, list):
         if len(kv) != n_layers:
-            raise ValueError(f"{meta.where}: {a}attention.head_count_kv has {len(kv)} entries, block_count is {n_layers}")
+            raise ValueError(f"{meta.where}: {a}attention.head_count_kv has {len(kv)} entries, block_count is "
+                             f"{n_layers}")
         kv = [int(x) for x in kv]
     else:
         kv = [int(kv)] * n_layers
@@ -644,7 +666,8 @@ def _config_from_metadata(meta: _Meta, arch: str, tensors: dict[str, Any]):
                 raise ValueError(f"{meta.where}: {a}ssm.inner_size={d_inner} must be a multiple of embedding_length "
                                  f"and of ssm.time_step_rank={nh}")
             kw.update(expand=d_inner // d_model, mamba_n_heads=nh, mamba_head_dim=d_inner // nh)
-        kw.update(d_state=int(meta.get(a + "ssm.state_size", kind=int)), d_conv=int(meta.get(a + "ssm.conv_kernel", kind=int)),
+        kw.update(d_state=int(meta.get(a + "ssm.state_size", kind=int)),
+                  d_conv=int(meta.get(a + "ssm.conv_kernel", kind=int)),
                   n_groups=int(meta.get(a + "ssm.group_count", kind=int)))
     # Fields GGUF has no key for come from our own config record when the file has one.
     if meta.has(CONFIG_KEY):
@@ -716,6 +739,13 @@ def _tokenizer_from_metadata(meta: _Meta):
         return list(tokens)
 
 
+def _strip_ones(shape: tuple[int, ...]) -> tuple[int, ...]:
+    i = 0
+    while i < len(shape) - 1 and shape[i] == 1:
+        i += 1
+    return tuple(shape[i:])
+
+
 def load(path, *, param_dtype: str = "float32"):
     """Rebuild a :class:`~mani_jax.models.HybridLM` (and its tokenizer) from a GGUF file.
 
@@ -745,6 +775,8 @@ def load(path, *, param_dtype: str = "float32"):
 
     from mani_jax.models import HybridLM
 
+    if param_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"param_dtype: expected 'float32' or 'bfloat16', got {param_dtype!r}")
     path = Path(path)
     where = str(path)
     reader = _open(path)
@@ -753,15 +785,17 @@ def load(path, *, param_dtype: str = "float32"):
     if arch not in SUPPORTED_ARCHS:
         raise ValueError(f"{where}: unsupported architecture {arch!r}; expected one of {SUPPORTED_ARCHS}")
     tensors = {t.name: t for t in reader.tensors}
-    cfg = _config_from_metadata(meta, arch, tensors)
-    if param_dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"param_dtype: expected 'float32' or 'bfloat16', got {param_dtype!r}")
+    try:
+        cfg = _config_from_metadata(meta, arch, tensors)
+    except (TypeError, IndexError, KeyError, OverflowError) as e:
+        raise ValueError(f"{where}: invalid model metadata ({type(e).__name__}: {e})") from e
     cfg = dataclasses.replace(cfg, param_dtype=param_dtype)
     plan = _tensor_plan(cfg, arch if arch in _NORM_ROPE_ARCHS else "qwen2")
     planned = {s.name for s in plan}
     extra = sorted(set(tensors) - planned)
     if extra:
-        raise ValueError(f"{where}: unexpected tensors for this {arch} config: {extra[:6]}{' ...' if len(extra) > 6 else ''}")
+        raise ValueError(f"{where}: unexpected tensors for this {arch} config: "
+                         f"{extra[:6]}{' ...' if len(extra) > 6 else ''}")
 
     abstract = nnx.eval_shape(lambda: HybridLM(cfg, rngs=nnx.Rngs(0)))
     flat = dict(nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
@@ -773,7 +807,7 @@ def load(path, *, param_dtype: str = "float32"):
         if t is None:
             raise ValueError(f"{where}: missing tensor {spec.name!r} (expected shape {spec.shape})")
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-        if shape != spec.shape:
+        if _strip_ones(shape) != _strip_ones(spec.shape):  # ggml drops trailing 1-sized dims (numpy: leading)
             raise ValueError(f"{where}: tensor {spec.name!r} has shape {shape}; expected {spec.shape}")
         try:
             arr = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32).reshape(spec.shape)

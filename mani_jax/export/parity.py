@@ -2,8 +2,10 @@
 
 Recipe (``notes/gguf-llamacpp.md`` section 6): ``Llama(..., logits_all=True)``, ``reset()``, ``eval(ids)``,
 ``llm.scores`` (row ``t`` predicts token ``t+1``); greedy decoding with ``generate(ids, temp=0.0, top_k=1,
-repeat_penalty=1.0)``; ``close()`` when done. Timings come from a second ``Llama`` without ``logits_all`` (so
-the prompt pass computes only the last position's logits, as in real use) after one warm-up call.
+repeat_penalty=1.0)``; ``close()`` when done. The logit comparison runs with an F32 KV cache (it measures the
+export, not llama.cpp's F16 cache); greedy decoding and the timings use a second ``Llama`` with llama.cpp's
+defaults (F16 KV cache, no ``logits_all``, so the prompt pass computes only the last position's logits, as in
+real use), after one warm-up call.
 """
 
 from __future__ import annotations
@@ -28,8 +30,11 @@ def _import_llama():
 
 @contextlib.contextmanager
 def open_llama(gguf_path, *, n_ctx: int = 512, n_threads: int = 2, logits_all: bool = True,
-               n_batch: int = 512) -> Iterator:
+               n_batch: int = 512, kv_cache_f32: bool = True) -> Iterator:
     """A ``llama_cpp.Llama`` on the CPU for ``gguf_path``, closed on exit.
+
+    ``kv_cache_f32``: keep the attention KV cache in F32 (llama.cpp's default is F16, which alone moves the
+    logits of an F32 export by ~1e-3 relative); set it False to measure the default configuration.
 
     Raises:
       FileNotFoundError: no such file.
@@ -43,7 +48,8 @@ def open_llama(gguf_path, *, n_ctx: int = 512, n_threads: int = 2, logits_all: b
     try:
         llm = Llama(model_path=str(p), n_ctx=int(n_ctx), n_batch=int(n_batch), n_ubatch=int(n_batch),
                     n_threads=int(n_threads), n_threads_batch=int(n_threads), n_gpu_layers=0,
-                    logits_all=bool(logits_all), verbose=False)
+                    logits_all=bool(logits_all), verbose=False,
+                    **(dict(type_k=0, type_v=0) if kv_cache_f32 else {}))  # 0 = GGML_TYPE_F32
     except ValueError as e:
         raise ValueError(f"llama.cpp could not load {str(p)!r}: {e}") from e
     try:
@@ -179,7 +185,7 @@ def compare_with_llama_cpp(model, gguf_path, token_ids: Sequence[int], *, n_gree
         got = llama_cpp_logits(llm, ids)
     out = logit_metrics(ref, got)
 
-    with open_llama(gguf_path, n_ctx=n_ctx, n_threads=n_threads, logits_all=False) as llm:
+    with open_llama(gguf_path, n_ctx=n_ctx, n_threads=n_threads, logits_all=False, kv_cache_f32=False) as llm:
         llama_cpp_greedy(llm, ids[: min(len(ids), 8)], 2)  # warm-up: thread pool, graph allocation
         llm.reset()
         t0 = time.perf_counter()
