@@ -32,6 +32,8 @@ import transformers
 from transformers import (
     GraniteMoeHybridConfig,
     GraniteMoeHybridForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
@@ -150,11 +152,77 @@ def qwen2_tied_config() -> Qwen2Config:
     )
 
 
+def mixtral_config() -> MixtralConfig:
+    return MixtralConfig(
+        vocab_size=120,
+        hidden_size=48,
+        intermediate_size=32,  # width of each expert's FFN
+        num_hidden_layers=3,
+        num_attention_heads=6,  # head_dim = 8
+        num_key_value_heads=2,  # GQA, 3 query heads per kv head
+        hidden_act="silu",
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        sliding_window=None,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        router_jitter_noise=0.0,
+        output_router_logits=False,
+        router_aux_loss_coef=0.02,  # training only; never enters the logits
+    )
+
+
+def granite_moe_config() -> GraniteMoeHybridConfig:
+    # Shaped like Granite-4.0-H-Tiny (MoE FFN in every layer + always-on shared MLP, NoPE, tied),
+    # shrunk: 8 experts top-2 instead of 64 top-6.
+    return GraniteMoeHybridConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=24,  # width of each routed expert
+        shared_intermediate_size=40,  # width of the always-on shared MLP
+        num_hidden_layers=4,
+        layer_types=["mamba", "attention", "mamba", "attention"],
+        num_attention_heads=4,  # head_dim = 8
+        num_key_value_heads=2,
+        hidden_act="silu",
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        position_embedding_type="nope",
+        attention_bias=False,
+        embedding_multiplier=2.5,
+        attention_multiplier=0.125,
+        residual_multiplier=0.3,
+        logits_scaling=2.0,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        output_router_logits=False,
+        router_aux_loss_coef=0.01,  # training only; never enters the logits
+        mamba_n_heads=4,
+        mamba_n_groups=1,
+        mamba_d_state=16,
+        mamba_d_head=16,  # 4 * 16 = 64 = 2 * 32
+        mamba_d_conv=4,
+        mamba_expand=2,
+        mamba_chunk_size=16,
+        mamba_conv_bias=True,
+        mamba_proj_bias=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+# The seed of each model is 1234 + its index here: append new models at the end.
 MODELS = {
     "granite_hybrid_rope": (GraniteMoeHybridForCausalLM, granite_rope_config),
     "granite_hybrid_nope": (GraniteMoeHybridForCausalLM, granite_nope_config),
     "qwen2": (Qwen2ForCausalLM, qwen2_config),
     "qwen2_tied": (Qwen2ForCausalLM, qwen2_tied_config),
+    "mixtral": (MixtralForCausalLM, mixtral_config),
+    "granite_hybrid_moe": (GraniteMoeHybridForCausalLM, granite_moe_config),
 }
 
 
@@ -197,6 +265,9 @@ def randomize_(model: torch.nn.Module, gen: torch.Generator) -> None:
             if name.startswith("lm_head"):
                 std *= 2.0
             val = std * randn(shape)
+        elif leaf in ("gate_up_proj", "down_proj") and p.ndim == 3:
+            # MoE experts stacked in memory as [E, out, in] (transformers 5 layout)
+            val = randn(shape) / math.sqrt(shape[2])
         else:
             raise ValueError(f"unhandled parameter {name} {tuple(shape)}")
         p.copy_(val.to(p.dtype))
@@ -218,9 +289,13 @@ def capture_forward(model, input_ids):
     def norm_hook(_mod, _args, out):
         rec["final"] = out.detach().clone()
 
+    def router_hook(_mod, _args, out):  # MoE routers return (router_logits, top_k_weights, top_k_index)
+        rec.setdefault("router", []).append(tuple(t.detach().clone() for t in out))
+
     handles = [base.layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)]
     handles += [layer.register_forward_hook(layer_hook) for layer in base.layers]
     handles.append(base.norm.register_forward_hook(norm_hook))
+    handles += [m.register_forward_hook(router_hook) for m in base.modules() if type(m).__name__.endswith("TopKRouter")]
     try:
         with torch.no_grad():
             out = model(input_ids=input_ids, use_cache=False)
@@ -228,6 +303,23 @@ def capture_forward(model, input_ids):
         for h in handles:
             h.remove()
     return out.logits, rec
+
+
+def routing_stats(router_outs, n_experts: int, top_k: int) -> list[dict]:
+    """Per MoE layer: how many of the B*T tokens picked each expert, and how decisive the routing was."""
+    stats = []
+    for logits, weights, index in router_outs:
+        top = logits.float().sort(dim=-1, descending=True).values
+        stats.append(
+            {
+                "load": torch.bincount(index.reshape(-1), minlength=n_experts).tolist(),
+                "distinct_topk_sets": len({tuple(sorted(r)) for r in index.tolist()}),
+                # gap between the k-th and (k+1)-th router logit: how far routing is from a tie
+                "min_margin": float((top[:, top_k - 1] - top[:, top_k]).min()),
+                "top1_weight_range": [float(weights[:, 0].min()), float(weights[:, 0].max())],
+            }
+        )
+    return stats
 
 
 def make_one(name: str, seed: int) -> dict:
@@ -283,9 +375,21 @@ def make_one(name: str, seed: int) -> dict:
     err_eager = (logits3 - logits).abs().max().item()
     assert err_eager < 1e-4, f"{name}: eager vs default attention differ by {err_eager}"
 
+    info = {}
+    if getattr(config, "num_local_experts", 0):
+        # the default experts implementation ("grouped_mm") against the per-expert loop ("eager")
+        eager_moe = cls.from_pretrained(out_dir, dtype=torch.float32, experts_implementation="eager").eval()
+        with torch.no_grad():
+            logits4 = eager_moe(input_ids=input_ids, use_cache=False).logits
+        info["experts_impl"] = model.config._experts_implementation
+        info["eager_experts_vs_default_maxdiff"] = (logits4 - logits).abs().max().item()
+        assert info["eager_experts_vs_default_maxdiff"] < 1e-4, f"{name}: experts implementations differ"
+        info["routing"] = routing_stats(rec["router"], config.num_local_experts, config.num_experts_per_tok)
+
     return {
         "name": name,
         "attn_impl": model.config._attn_implementation,
+        **info,
         "logits_std": float(logits.std()),
         "logits_absmax": float(logits.abs().max()),
         "eager_vs_default_maxdiff": err_eager,

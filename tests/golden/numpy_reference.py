@@ -8,6 +8,10 @@ and checks that description against the HF goldens:
     /work/venv-golden/bin/python tests/golden/numpy_reference.py
 
 Needs numpy + safetensors only (safetensors.numpy). Not collected by pytest (name has no test_ prefix).
+
+For the MoE goldens (mixtral, granite_hybrid_moe) it also prints the per-expert load of every MoE layer
+on the golden inputs, and re-runs the forward with deliberately wrong router / expert conventions to
+show that the goldens tell them apart (``--no-perturb`` skips that).
 """
 
 from __future__ import annotations
@@ -153,7 +157,116 @@ def mamba2(x, w, p, cfg):
     return linear(g, w[p + "out_proj.weight"], w.get(p + "out_proj.bias"))
 
 
-def forward(cfg, w, ids):
+# ----------------------------------------------------------------------------------------------
+# Sparse MoE FFN
+# ----------------------------------------------------------------------------------------------
+
+# The router conventions the forward can be run with. The first two are what transformers 5.23 does:
+#   Mixtral (MixtralTopKRouter):           p = softmax(logits) in fp32; (w, idx) = topk(p, k); w /= sum(w)
+#   GraniteMoeHybrid (...TopKRouter):      (l, idx) = topk(logits, k); w = softmax(l)  (in fp32)
+# They are the same function: softmax over the k largest logits == top-k softmax probabilities
+# renormalised to sum 1 (ties aside). The rest are deliberate mistakes.
+ROUTERS = {
+    "softmax_topk_renorm": "softmax over all E, take top-k probabilities, renormalise them to sum 1 (Mixtral)",
+    "topk_softmax": "top-k of the logits, softmax over those k logits (GraniteMoeHybrid)",
+    "softmax_topk_no_renorm": "WRONG: softmax over all E, top-k probabilities used as-is (no renormalisation)",
+    "top1": "WRONG: only the best expert, weight 1",
+    "topk_uniform": "WRONG: top-k experts, each weight 1/k",
+}
+
+
+def moe_weights(w, p, arch, E):
+    """Experts of one layer as (router [E,d], gate [E,I,d], up [E,I,d], down [E,d,I]), from the on-disk names.
+
+    Mixtral on disk (save_pretrained reverts transformers 5's fused in-memory layout to the original one):
+        {p}block_sparse_moe.gate.weight            [E, d]     router, no bias
+        {p}block_sparse_moe.experts.{e}.w1.weight  [I, d]     gate  (silu applied to x @ w1.T)
+        {p}block_sparse_moe.experts.{e}.w3.weight  [I, d]     up
+        {p}block_sparse_moe.experts.{e}.w2.weight  [d, I]     down
+      (in memory: mlp.gate.weight, mlp.experts.gate_up_proj [E, 2I, d] = concat(w1, w3) on dim 1,
+       mlp.experts.down_proj [E, d, I] = stack(w2); both layouts are accepted here)
+    GraniteMoeHybrid on disk (same arrays as in memory, only renamed on load):
+        {p}block_sparse_moe.router.layer.weight    [E, d]       router, no bias   (memory: router.weight)
+        {p}block_sparse_moe.input_linear.weight    [E, 2I, d]   rows [:I] gate, rows [I:] up
+                                                                 (memory: experts.gate_up_proj)
+        {p}block_sparse_moe.output_linear.weight   [E, d, I]    down (memory: experts.down_proj)
+    """
+    if arch == "MixtralForCausalLM":
+        q = p + "block_sparse_moe."
+        if q + "gate.weight" not in w:  # transformers-5 in-memory names
+            q = p + "mlp."
+        router = w[q + "gate.weight"]
+        if q + "experts.0.w1.weight" in w:
+            gate = np.stack([w[f"{q}experts.{e}.w1.weight"] for e in range(E)])
+            up = np.stack([w[f"{q}experts.{e}.w3.weight"] for e in range(E)])
+            down = np.stack([w[f"{q}experts.{e}.w2.weight"] for e in range(E)])
+            return router, gate, up, down
+        gate_up, down = w[q + "experts.gate_up_proj"], w[q + "experts.down_proj"]
+    else:
+        q = p + "block_sparse_moe."
+        if q + "router.layer.weight" in w:
+            router, gate_up, down = (w[q + n] for n in ("router.layer.weight", "input_linear.weight", "output_linear.weight"))
+        else:
+            router, gate_up, down = (w[q + n] for n in ("router.weight", "experts.gate_up_proj", "experts.down_proj"))
+    I = gate_up.shape[1] // 2
+    return router, gate_up[:, :I], gate_up[:, I:], down
+
+
+def route(logits, k, router):
+    """logits [N, E] -> (index [N, k], weight [N, k]), experts in descending order of logit."""
+    idx = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
+    top = np.take_along_axis(logits, idx, axis=-1)
+    if router == "softmax_topk_renorm":
+        prob = np.exp(logits - logits.max(-1, keepdims=True))
+        prob /= prob.sum(-1, keepdims=True)
+        wt = np.take_along_axis(prob, idx, axis=-1)
+        wt = wt / wt.sum(-1, keepdims=True)
+    elif router == "topk_softmax":
+        wt = np.exp(top - top.max(-1, keepdims=True))
+        wt /= wt.sum(-1, keepdims=True)
+    elif router == "softmax_topk_no_renorm":
+        prob = np.exp(logits - logits.max(-1, keepdims=True))
+        prob /= prob.sum(-1, keepdims=True)
+        wt = np.take_along_axis(prob, idx, axis=-1)
+    elif router == "top1":
+        idx, wt = idx[:, :1], np.ones_like(top[:, :1])
+    elif router == "topk_uniform":
+        wt = np.full_like(top, 1.0 / k)
+    else:
+        raise ValueError(router)
+    return idx, wt
+
+
+def moe_ffn(x, mw, k, router, *, swap_gate_up=False, expert_perm=None, stats=None):
+    """Sparse MoE: y[n] = sum_j wt[n, j] * down_e(silu(gate_e x[n]) * up_e x[n]), e = idx[n, j]."""
+    router_w, gate, up, down = mw
+    if swap_gate_up:
+        gate, up = up, gate
+    if expert_perm is not None:  # e.g. reading the experts in the wrong order
+        gate, up, down = gate[expert_perm], up[expert_perm], down[expert_perm]
+    shape = x.shape
+    xf = x.reshape(-1, shape[-1])
+    logits = xf @ router_w.T  # [N, E], no bias
+    idx, wt = route(logits, k, router)
+    y = np.zeros_like(xf)
+    for j in range(idx.shape[1]):
+        for e in np.unique(idx[:, j]):
+            rows = idx[:, j] == e
+            h = silu(xf[rows] @ gate[e].T) * (xf[rows] @ up[e].T)
+            y[rows] += wt[rows, j, None] * (h @ down[e].T)
+    if stats is not None:
+        srt = np.sort(logits, axis=-1)[:, ::-1]
+        stats.append({
+            "load": np.bincount(idx.reshape(-1), minlength=router_w.shape[0]).tolist(),
+            "min_margin": float(np.min(srt[:, k - 1] - srt[:, k])),
+        })
+    return y.reshape(shape)
+
+
+def forward(cfg, w, ids, variant=None):
+    """variant (MoE models only): router=<key of ROUTERS>, swap_gate_up, expert_perm, no_shared_mlp,
+    no_routed_experts, stats=<list to append per-layer routing stats to>."""
+    v = dict(variant or {})
     arch = cfg["architectures"][0]
     eps = cfg["rms_norm_eps"]
     H = cfg["hidden_size"]
@@ -180,9 +293,21 @@ def forward(cfg, w, ids):
                 raise ValueError(kind)
             x = x + rm * mix
             hn = rms_norm(x, w[p + "post_attention_layernorm.weight"], eps)
+            # shared_mlp is always there; with experts the layer FFN is  moe(hn) + shared_mlp(hn)
+            # (plain sum, no gate or scale on either), and the sum is scaled by residual_multiplier.
             gu = linear(hn, w[p + "shared_mlp.input_linear.weight"])
             I = gu.shape[-1] // 2
             ffn = linear(silu(gu[..., :I]) * gu[..., I:], w[p + "shared_mlp.output_linear.weight"])
+            if v.get("no_shared_mlp"):
+                ffn = 0.0 * ffn
+            E = cfg.get("num_local_experts") or 0
+            if E > 0 and not v.get("no_routed_experts"):
+                mw = moe_weights(w, p, arch, E)
+                ffn = ffn + moe_ffn(
+                    hn, mw, cfg["num_experts_per_tok"], v.get("router", "topk_softmax"),
+                    swap_gate_up=v.get("swap_gate_up", False), expert_perm=v.get("expert_perm"),
+                    stats=v.get("stats"),
+                )
             x = x + rm * ffn
             acts["layers"].append(x)
         x = rms_norm(x, w["model.norm.weight"], eps)
@@ -206,6 +331,28 @@ def forward(cfg, w, ids):
         acts["final"] = x
         lm = w["model.embed_tokens.weight"] if cfg.get("tie_word_embeddings") else w["lm_head.weight"]
         logits = linear(x, lm)
+    elif arch == "MixtralForCausalLM":
+        assert cfg.get("sliding_window") is None or cfg["sliding_window"] >= ids.shape[1]
+        x = w["model.embed_tokens.weight"][ids]
+        acts["embeds"] = x
+        hd = cfg.get("head_dim") or H // cfg["num_attention_heads"]  # "head_dim": null in the config
+        E, k = cfg["num_local_experts"], cfg["num_experts_per_tok"]
+        for i in range(L):
+            p = f"model.layers.{i}."
+            hn = rms_norm(x, w[p + "input_layernorm.weight"], eps)
+            x = x + attention(hn, w, p + "self_attn.", cfg, scale=hd**-0.5, use_rope=True, qkv_bias=False)
+            hn = rms_norm(x, w[p + "post_attention_layernorm.weight"], eps)
+            if not v.get("no_routed_experts"):
+                x = x + moe_ffn(
+                    hn, moe_weights(w, p, arch, E), k, v.get("router", "softmax_topk_renorm"),
+                    swap_gate_up=v.get("swap_gate_up", False), expert_perm=v.get("expert_perm"),
+                    stats=v.get("stats"),
+                )
+            acts["layers"].append(x)
+        x = rms_norm(x, w["model.norm.weight"], eps)
+        acts["final"] = x
+        lm = w["model.embed_tokens.weight"] if cfg.get("tie_word_embeddings") else w["lm_head.weight"]
+        logits = linear(x, lm)
     else:
         raise ValueError(arch)
     return logits, acts
@@ -215,12 +362,31 @@ def rel_err(a, b):
     return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
 
 
+def perturbations(cfg, w, g, ids):
+    """Run the MoE forward with other conventions; return {variant: logits rel. error vs the golden}."""
+    E = cfg["num_local_experts"]
+    variants = {r: {"router": r} for r in ROUTERS}
+    variants["swap_gate_up (w1<->w3)"] = {"swap_gate_up": True}
+    variants["experts_reversed"] = {"expert_perm": np.arange(E)[::-1]}
+    variants["no_routed_experts"] = {"no_routed_experts": True}
+    if cfg["architectures"][0] == "GraniteMoeHybridForCausalLM":
+        variants["no_shared_mlp"] = {"no_shared_mlp": True}
+    return {n: rel_err(forward(cfg, w, ids, v)[0], g["logits"]) for n, v in variants.items()}
+
+
+# conventions that must reproduce HF (the two written-down routers are the same function)
+EQUIVALENT = {"softmax_topk_renorm", "topk_softmax"}
+
+
 def main(argv):
-    names = argv or ["granite_hybrid_rope", "granite_hybrid_nope", "qwen2", "qwen2_tied"]
+    perturb = "--no-perturb" not in argv
+    argv = [a for a in argv if not a.startswith("--")]
+    names = argv or ["granite_hybrid_rope", "granite_hybrid_nope", "qwen2", "qwen2_tied", "mixtral", "granite_hybrid_moe"]
     ok = True
     for name in names:
         cfg, w, g = load(name)
-        logits, acts = forward(cfg, w, g["input_ids"].astype(np.int64))
+        stats = []
+        logits, acts = forward(cfg, w, g["input_ids"].astype(np.int64), {"stats": stats})
         errs = {
             "embeds": rel_err(acts["embeds"], g["embeds"]),
             "layers": [rel_err(a, b) for a, b in zip(acts["layers"], g["layer_outputs"])],
@@ -231,6 +397,17 @@ def main(argv):
         good = errs["logits"] < 1e-4 and max(errs["layers"]) < 1e-4
         ok &= good
         print(f"{name}: {'OK' if good else 'MISMATCH'} {json.dumps(errs)}")
+        for i, st in enumerate(stats):
+            print(f"  moe layer {i}: per-expert load (of {2 * g['input_ids'].size} slots) {st['load']}, "
+                  f"min top-k margin {st['min_margin']:.2e}")
+        if stats and perturb:
+            pert = perturbations(cfg, w, g, g["input_ids"].astype(np.int64))
+            for n, e in pert.items():
+                expect_same = n in EQUIVALENT
+                fine = (e < 1e-4) if expect_same else (e > 1e-3)
+                ok &= fine
+                verdict = ("matches HF" if e < 1e-4 else "differs") + ("" if fine else "  <-- UNEXPECTED")
+                print(f"  router/expert variant {n:28s} logits rel err {e:.2e}  {verdict}")
     if not ok:
         sys.exit(1)
 
