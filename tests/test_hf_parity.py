@@ -12,7 +12,7 @@ from safetensors.numpy import load_file, save_file
 from mani_jax.models import config_from_hf, load_hf
 
 GOLDEN = Path(__file__).parent / "golden"
-NAMES = ["granite_hybrid_rope", "granite_hybrid_nope", "qwen2", "qwen2_tied"]
+NAMES = ["granite_hybrid_rope", "granite_hybrid_nope", "qwen2", "qwen2_tied", "mixtral", "granite_hybrid_moe"]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -25,7 +25,7 @@ def test_logits_match_transformers(name):
     assert np.abs(logits - ref).max() <= 1e-4 * np.abs(ref).max()
 
 
-@pytest.mark.parametrize("name", ["granite_hybrid_rope", "qwen2"])
+@pytest.mark.parametrize("name", ["granite_hybrid_rope", "qwen2", "granite_hybrid_moe"])
 def test_cached_decoding_matches_transformers(name):
     model = load_hf(GOLDEN / name)
     g = np.load(GOLDEN / name / "golden.npz")
@@ -80,11 +80,30 @@ def test_missing_and_misshaped_tensors_are_named(tmp_path):
 def test_unsupported_configs(tmp_path):
     d = _copy("granite_hybrid_rope", tmp_path)
     hf = json.loads((d / "config.json").read_text())
-    (d / "config.json").write_text(json.dumps(dict(hf, num_local_experts=4)))
-    with pytest.raises(NotImplementedError, match="num_local_experts"):
+    (d / "config.json").write_text(json.dumps(dict(hf, time_step_limit=[0.0, 10.0])))
+    with pytest.raises(NotImplementedError, match="time_step_limit"):
+        load_hf(d)
+    (d / "config.json").write_text(json.dumps(dict(hf, num_local_experts=4, num_experts_per_tok=2)))
+    with pytest.raises(ValueError, match="block_sparse_moe"):  # a dense checkpoint claiming experts
         load_hf(d)
     (d / "config.json").write_text(json.dumps(dict(hf, model_type="llama4")))
     with pytest.raises(ValueError, match="model_type"):
         load_hf(d)
     with pytest.raises(FileNotFoundError):
         load_hf(tmp_path / "nowhere")
+
+
+def test_moe_configs_translate():
+    mix = config_from_hf(json.loads((GOLDEN / "mixtral" / "config.json").read_text()))
+    assert (mix.n_experts, mix.top_k, mix.shared_mlp) == (8, 2, False)
+    gr = config_from_hf(json.loads((GOLDEN / "granite_hybrid_moe" / "config.json").read_text()))
+    assert (gr.n_experts, gr.top_k, gr.shared_mlp) == (8, 2, True) and gr.d_ff_expert == 24 and gr.d_ff == 40
+
+
+def test_missing_expert_tensor_is_named(tmp_path):
+    d = _copy("mixtral", tmp_path)
+    tensors = load_file(d / "model.safetensors")
+    tensors.pop("model.layers.2.block_sparse_moe.experts.5.w3.weight")
+    save_file(tensors, d / "model.safetensors")
+    with pytest.raises(ValueError, match="experts.5.w3"):
+        load_hf(d)

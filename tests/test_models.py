@@ -25,6 +25,9 @@ CONFIGS = {
     "hybrid_nope_groups2_tied": small_cfg(rope=False, n_groups=2, tie_embeddings=True, attention_bias=True,
                                           layer_types=("attention", "mamba", "mamba", "attention")),
     "dense": small_cfg(layer_types=("attention",) * 4, attention_bias=True, tie_embeddings=False),
+    # Dropless routing is per token, so the cache and packed-segment properties hold exactly. (Capacity-based
+    # routing couples tokens through the shared capacity, by design.)
+    "hybrid_moe_shared_mlp": small_cfg(n_experts=4, top_k=2, d_ff_expert=24, shared_mlp=True),
     "mamba_only_multipliers": small_cfg(layer_types=("mamba",) * 4, embedding_multiplier=2.0,
                                         residual_multiplier=0.5, logits_scaling=3.0, attention_multiplier=0.3),
 }

@@ -111,6 +111,9 @@ def _check_exportable(cfg, arch: str) -> None:
     """Raise ``ValueError`` naming the config field llama.cpp's ``arch`` cannot represent."""
     if arch not in _WRITABLE_ARCHS:
         raise ValueError(f"arch: expected one of {_WRITABLE_ARCHS}, got {arch!r}")
+    if getattr(cfg, "n_experts", 0):
+        raise ValueError(f"ModelConfig.n_experts={cfg.n_experts}: exporting mixture-of-experts FFNs (llama / "
+                         "granitehybrid with expert_count) is not wired yet")
     if cfg.sliding_window is not None:
         raise ValueError(f"ModelConfig.sliding_window={cfg.sliding_window}: llama.cpp's {arch} has no sliding-window "
                          "attention; export a model with sliding_window=None")

@@ -2,9 +2,9 @@
 
 from mani_jax.models.config import PRESETS, ModelConfig, config_from_dict, get_config, hybrid_layer_types
 from mani_jax.models.hf import config_from_hf, load_hf
-from mani_jax.models.hybrid import (Attention, Block, HybridLM, Mamba2Mixer, MLP, RMSNorm, count_params,
+from mani_jax.models.hybrid import (Attention, Block, HybridLM, Mamba2Mixer, MLP, MoEFFN, RMSNorm, count_params,
                                     positions_from_segments, register_attention_impl)
 
-__all__ = ["PRESETS", "Attention", "Block", "HybridLM", "MLP", "Mamba2Mixer", "ModelConfig", "RMSNorm",
+__all__ = ["PRESETS", "Attention", "Block", "HybridLM", "MLP", "Mamba2Mixer", "MoEFFN", "ModelConfig", "RMSNorm",
            "config_from_dict", "config_from_hf", "load_hf", "count_params", "get_config", "hybrid_layer_types", "positions_from_segments",
            "register_attention_impl"]

@@ -39,6 +39,11 @@ class ModelConfig:
       embedding_multiplier, attention_multiplier, residual_multiplier, logits_scaling: Granite's scalars
         (embeddings times ``embedding_multiplier``; softmax scale ``attention_multiplier``, default
         ``1/sqrt(head_dim)``; each branch times ``residual_multiplier``; logits divided by ``logits_scaling``).
+      n_experts, top_k, d_ff_expert: a routed SwiGLU mixture of experts in every block's FFN when
+        ``n_experts > 0`` (softmax -> top-k -> renormalise, Mixtral / llama.cpp); 0 = dense FFN of width d_ff.
+      shared_mlp: with experts, also a dense SwiGLU of width ``d_ff`` added to the experts' output
+        (Granite-4.0-H's ``shared_mlp``).
+      capacity_factor: None = dropless dispatch (sort + ``ragged_dot``); a number = capacity-based dispatch.
       max_seq_len: context length the model is trained for (cache size default, GGUF ``context_length``).
       initializer_range: std of the normal init of projections and embeddings.
       param_dtype: storage dtype of parameters (``"float32"`` or ``"bfloat16"``).
@@ -74,6 +79,11 @@ class ModelConfig:
     attention_multiplier: float | None = None
     residual_multiplier: float = 1.0
     logits_scaling: float = 1.0
+    n_experts: int = 0
+    top_k: int = 2
+    d_ff_expert: int = 0
+    shared_mlp: bool = False
+    capacity_factor: float | None = None
     max_seq_len: int = 2048
     initializer_range: float = 0.02
     param_dtype: str = "float32"
@@ -100,6 +110,15 @@ class ModelConfig:
                 bad("mamba_head_dim", f"mamba_n_heads * mamba_head_dim == expand * d_model = {self.d_inner}")
             if self.mamba_n_heads % self.n_groups:
                 bad("n_groups", f"a divisor of mamba_n_heads={self.mamba_n_heads}")
+        if self.n_experts < 0:
+            bad("n_experts", "0 (dense) or a positive int")
+        if self.n_experts:
+            if not 1 <= self.top_k <= self.n_experts:
+                bad("top_k", f"an int in [1, n_experts={self.n_experts}]")
+            if self.d_ff_expert < 1:
+                bad("d_ff_expert", "a positive int when n_experts > 0")
+            if self.capacity_factor is not None and self.capacity_factor <= 0:
+                bad("capacity_factor", "None (dropless) or a positive number")
         if self.rope and self.head_dim % 2:
             bad("head_dim", "an even number when rope is on")
         if self.param_dtype not in ("float32", "bfloat16"):

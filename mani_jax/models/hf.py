@@ -1,7 +1,8 @@
 """Import Hugging Face checkpoints (``config.json`` + safetensors) into :class:`HybridLM`.
 
-Supported: ``GraniteMoeHybridForCausalLM`` with a dense FFN (``num_local_experts == 0``; Mamba-2 and
-attention layers, grouped norm) and ``Qwen2ForCausalLM`` (all attention, q/k/v biases). The math each of
+Supported: ``GraniteMoeHybridForCausalLM`` (Mamba-2 and attention layers, grouped norm; a dense ``shared_mlp``,
+or routed experts plus the shared MLP), ``Qwen2ForCausalLM`` (all attention, q/k/v biases) and
+``MixtralForCausalLM`` (8 experts top-2 style routed SwiGLU). The math each of
 these runs in transformers (``modeling_granitemoehybrid.py``, ``modeling_qwen2.py``) is what
 :mod:`mani_jax.models.hybrid` computes; ``tests/golden`` holds tiny random checkpoints with their
 transformers logits to prove it. This is also how a user runs real Granite-4.0-H or Qwen2.5 weights.
@@ -88,16 +89,25 @@ def config_from_hf(hf: dict, *, max_seq_len: int | None = None) -> ModelConfig:
             raise NotImplementedError("config.json: Qwen2 use_sliding_window=true is not supported")
         return ModelConfig(layer_types=("attention",) * n_layers, d_ff=int(hf["intermediate_size"]),
                            attention_bias=True, attention_out_bias=False, rope=True, **common)
+    if mt == "mixtral":
+        if hf.get("sliding_window"):
+            raise NotImplementedError("config.json: Mixtral sliding_window is not supported")
+        ff = int(hf["intermediate_size"])
+        return ModelConfig(layer_types=("attention",) * n_layers, d_ff=ff, d_ff_expert=ff,
+                           n_experts=int(hf["num_local_experts"]), top_k=int(hf["num_experts_per_tok"]),
+                           attention_bias=False, rope=True, **common)
     if mt == "granitemoehybrid":
-        if int(hf.get("num_local_experts") or 0) > 0:
-            raise NotImplementedError("config.json: GraniteMoeHybrid with num_local_experts > 0 (MoE FFN) "
-                                      "is not supported yet; only the dense shared_mlp")
+        n_experts = int(hf.get("num_local_experts") or 0)
+        moe = dict(n_experts=n_experts, top_k=int(hf.get("num_experts_per_tok") or 1),
+                   d_ff_expert=int(hf["intermediate_size"]), shared_mlp=int(hf.get("shared_intermediate_size") or 0) > 0
+                   ) if n_experts else {}
         tsl = hf.get("time_step_limit")
         if tsl is not None and (float(tsl[0]) > 0.0 or not _is_infinite(tsl[1])):
             raise NotImplementedError(f"config.json: time_step_limit {tsl} clamps dt; only (0, inf) is supported")
         pos = hf.get("position_embedding_type", "rope")
         return ModelConfig(
-            layer_types=_layer_types(hf, n_layers), d_ff=int(hf["shared_intermediate_size"]),
+            layer_types=_layer_types(hf, n_layers), d_ff=int(hf.get("shared_intermediate_size") or
+                                                             hf["intermediate_size"]), **moe,
             attention_bias=bool(hf.get("attention_bias", False)),
             attention_out_bias=bool(hf.get("attention_bias", False)), rope=pos == "rope",
             expand=int(hf.get("mamba_expand", 2)), mamba_n_heads=int(hf["mamba_n_heads"]),
@@ -109,7 +119,8 @@ def config_from_hf(hf: dict, *, max_seq_len: int | None = None) -> ModelConfig:
             attention_multiplier=float(hf["attention_multiplier"]) if hf.get("attention_multiplier") else None,
             residual_multiplier=float(hf.get("residual_multiplier", 1.0)),
             logits_scaling=float(hf.get("logits_scaling", 1.0)), **common)
-    raise ValueError(f"config.json: model_type {mt!r} is not supported; expected 'granitemoehybrid' or 'qwen2'")
+    raise ValueError(f"config.json: model_type {mt!r} is not supported; expected 'granitemoehybrid', 'qwen2' "
+                     "or 'mixtral'")
 
 
 def _read_safetensors(path: Path) -> dict[str, Any]:
@@ -163,17 +174,38 @@ def _hf_name_map(cfg: ModelConfig, model_type: str) -> dict[tuple, tuple[str, st
             for name in ("dt_bias", "A_log", "D"):
                 m[L + ("mixer", name)] = (q + name, "id")
             m[L + ("mixer", "norm", "weight")] = (q + "norm.weight", "id")
+        if cfg.n_experts and model_type == "granitemoehybrid":
+            q = p + "block_sparse_moe."
+            m[L + ("moe", "router", "kernel")] = (q + "router.layer.weight", "T")
+            m[L + ("moe", "w_gate")] = (q + "input_linear.weight", "experts_gate")
+            m[L + ("moe", "w_up")] = (q + "input_linear.weight", "experts_up")
+            m[L + ("moe", "w_down")] = (q + "output_linear.weight", "experts_T")
+        elif cfg.n_experts:  # Mixtral: one tensor per expert on disk (w1 gate, w3 up, w2 down)
+            q = p + "block_sparse_moe."
+            experts = range(cfg.n_experts)
+            m[L + ("moe", "router", "kernel")] = (q + "gate.weight", "T")
+            m[L + ("moe", "w_gate")] = ([q + f"experts.{e}.w1.weight" for e in experts], "stack_T")
+            m[L + ("moe", "w_up")] = ([q + f"experts.{e}.w3.weight" for e in experts], "stack_T")
+            m[L + ("moe", "w_down")] = ([q + f"experts.{e}.w2.weight" for e in experts], "stack_T")
         if model_type == "granitemoehybrid":
             m[L + ("ffn", "gate_proj", "kernel")] = (p + "shared_mlp.input_linear.weight", "gate")
             m[L + ("ffn", "up_proj", "kernel")] = (p + "shared_mlp.input_linear.weight", "up")
             m[L + ("ffn", "down_proj", "kernel")] = (p + "shared_mlp.output_linear.weight", "T")
-        else:
+        elif not cfg.n_experts:
             for proj in ("gate_proj", "up_proj", "down_proj"):
                 m[L + ("ffn", proj, "kernel")] = (p + f"mlp.{proj}.weight", "T")
     return m
 
 
-def _transform(arr, how: str, d_ff: int):
+def _transform(arr, how: str, d_ff: int, d_ff_expert: int = 0):
+    if how == "stack_T":  # list of torch Linear weights [out, in] -> [n, in, out]
+        return jnp.stack([jnp.asarray(a).T for a in arr])
+    if how == "experts_gate":  # Granite input_linear [E, 2f, d]: first half gate -> [E, d, f]
+        return jnp.swapaxes(arr[:, :d_ff_expert], 1, 2)
+    if how == "experts_up":
+        return jnp.swapaxes(arr[:, d_ff_expert:], 1, 2)
+    if how == "experts_T":  # [E, out, in] -> [E, in, out]
+        return jnp.swapaxes(arr, 1, 2)
     if how == "id":
         return arr
     if how == "T":
@@ -226,18 +258,28 @@ def load_hf(path: str | Path, *, param_dtype: str = "float32", max_seq_len: int 
         key_t = tuple(key)
         if key_t not in name_map:
             raise AssertionError(f"no Hugging Face mapping for parameter {key_t}")
-        hf_name, how = name_map[key_t]
-        if hf_name not in tensors:
-            raise ValueError(f"{path}: missing tensor {hf_name!r} (needed for {'.'.join(map(str, key_t))})")
-        arr = _transform(tensors[hf_name], how, cfg.d_ff)
-        if how in ("gate", "up") and tensors[hf_name].shape[0] != 2 * cfg.d_ff:
-            raise ValueError(f"{path}: tensor {hf_name!r} has shape {tensors[hf_name].shape}; expected "
+        hf_names, how = name_map[key_t]
+        names = hf_names if isinstance(hf_names, list) else [hf_names]
+        for name in names:
+            if name not in tensors:
+                raise ValueError(f"{path}: missing tensor {name!r} (needed for {'.'.join(map(str, key_t))})")
+        src = [tensors[n] for n in names] if isinstance(hf_names, list) else tensors[hf_names]
+        if how in ("gate", "up") and src.shape[0] != 2 * cfg.d_ff:
+            raise ValueError(f"{path}: tensor {hf_names!r} has shape {src.shape}; expected "
                              f"[{2 * cfg.d_ff}, {cfg.d_model}]")
+        if how in ("experts_gate", "experts_up") and (src.ndim != 3 or src.shape[1] != 2 * cfg.d_ff_expert):
+            raise ValueError(f"{path}: tensor {hf_names!r} has shape {src.shape}; expected "
+                             f"[{cfg.n_experts}, {2 * cfg.d_ff_expert}, {cfg.d_model}]")
+        try:
+            arr = _transform(src, how, cfg.d_ff, cfg.d_ff_expert)
+        except (ValueError, TypeError) as e:  # e.g. experts of different shapes cannot be stacked
+            raise ValueError(f"{path}: tensors {names[:2]}... for {'.'.join(map(str, key_t))}: {e}") from e
         if tuple(arr.shape) != tuple(var.shape):
-            raise ValueError(f"{path}: tensor {hf_name!r} has shape {tuple(tensors[hf_name].shape)}; it maps to "
+            shown = names[0] if len(names) == 1 else f"{names[0]} (and {len(names) - 1} more)"
+            raise ValueError(f"{path}: tensor {shown!r} gives shape {tuple(arr.shape)}; it maps to "
                              f"{'.'.join(map(str, key_t))} of shape {tuple(var.shape)} after '{how}'")
         var.set_value(jnp.asarray(arr, dtype))
-        used.add(hf_name)
+        used.update(names)
     extra = sorted(set(tensors) - used)
     if extra:
         raise ValueError(f"{path}: tensors with no place in the model: {extra[:8]}{' ...' if len(extra) > 8 else ''}")

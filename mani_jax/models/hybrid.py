@@ -88,6 +88,32 @@ class MLP(nnx.Module):
         return self.down_proj(core.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
+class MoEFFN(nnx.Module):
+    """Routed SwiGLU mixture of experts (:func:`mani_jax.core.moe.moe_ffn`): softmax over ``n_experts`` router
+    logits -> top-k -> renormalise, as Mixtral, Granite-4.0-H and llama.cpp compute it.
+
+    Parameters: ``router.kernel [d_model, n_experts]``, ``w_gate, w_up [n_experts, d_model, d_ff_expert]``,
+    ``w_down [n_experts, d_ff_expert, d_model]``. Forward only so far: the balancing losses
+    (:func:`mani_jax.core.moe.load_balancing_loss`, ``router_z_loss``) are not yet added to the training
+    loss (issue 7's trainer work).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pd = _dtype(cfg.param_dtype)
+        e, d, f = cfg.n_experts, cfg.d_model, cfg.d_ff_expert
+        std = cfg.initializer_range
+        self.router = nnx.Linear(d, e, use_bias=False, kernel_init=_normal(std), param_dtype=pd, rngs=rngs)
+        self.w_gate = nnx.Param(std * jax.random.normal(rngs.params(), (e, d, f), pd))
+        self.w_up = nnx.Param(std * jax.random.normal(rngs.params(), (e, d, f), pd))
+        self.w_down = nnx.Param(std / math.sqrt(2 * cfg.n_layers) * jax.random.normal(rngs.params(), (e, f, d), pd))
+
+    def __call__(self, x: Array) -> Array:
+        y, _ = core.moe_ffn(x, self.router.kernel[...], self.w_gate[...], self.w_up[...], self.w_down[...],
+                       top_k=self.cfg.top_k, capacity_factor=self.cfg.capacity_factor)
+        return y
+
+
 class Attention(nnx.Module):
     """Multi-head attention with GQA, optional q/k/v biases, RoPE (rotate-half) or NoPE, and a KV cache."""
 
@@ -214,7 +240,8 @@ class Mamba2Mixer(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-norm residual block: a mixer (attention or Mamba-2) then a SwiGLU MLP."""
+    """Pre-norm residual block: a mixer (attention or Mamba-2) then a SwiGLU MLP, a mixture of experts, or
+    both summed (experts + shared MLP, Granite-4.0-H)."""
 
     def __init__(self, cfg: ModelConfig, layer_type: str, *, rngs: nnx.Rngs):
         pd = _dtype(cfg.param_dtype)
@@ -223,7 +250,8 @@ class Block(nnx.Module):
         self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype=pd)
         self.mixer = Attention(cfg, rngs=rngs) if layer_type == "attention" else Mamba2Mixer(cfg, rngs=rngs)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype=pd)
-        self.ffn = MLP(cfg, rngs=rngs)
+        self.ffn = MLP(cfg, rngs=rngs) if (cfg.n_experts == 0 or cfg.shared_mlp) else None
+        self.moe = MoEFFN(cfg, rngs=rngs) if cfg.n_experts else None
 
     def __call__(self, x, *, positions, segment_ids=None, cache=None, cache_pos=None):
         h = self.mixer_norm(x)
@@ -233,7 +261,12 @@ class Block(nnx.Module):
         else:
             h, new_cache = self.mixer(h, segment_ids=segment_ids, cache=cache)
         x = x + self.residual_multiplier * h
-        x = x + self.residual_multiplier * self.ffn(self.ffn_norm(x))
+        h = self.ffn_norm(x)
+        if self.moe is None:
+            out = self.ffn(h)
+        else:
+            out = self.moe(h) if self.ffn is None else self.moe(h) + self.ffn(h)
+        x = x + self.residual_multiplier * out
         return x, new_cache
 
 
