@@ -108,6 +108,12 @@ def test_preset_parameter_counts_by_eval_shape():
     assert 5e6 <= count_params(PRESETS["tiny"]) <= 20e6
     n = count_params(PRESETS["chimera-700m"])
     assert abs(n - 700e6) <= 0.05 * 700e6, n
+    assert count_params(PRESETS["chimera-700m"], active=True) == n  # no experts: all parameters are active
+    moe = PRESETS["moe-125m-active"]
+    active, total = count_params(moe, active=True), count_params(moe)
+    assert abs(active - 125e6) <= 0.05 * 125e6, active
+    d, f, e, k, layers = moe.d_model, moe.d_ff_expert, moe.n_experts, moe.top_k, moe.n_layers
+    assert total - active == layers * 3 * d * f * (e - k)  # the inactive experts, counted independently
     # eval_shape counts equal a real allocation's on a small config.
     cfg = CONFIGS["hybrid_nope_groups2_tied"]
     real = sum(x.size for x in jax.tree.leaves(nnx.state(HybridLM(cfg, rngs=nnx.Rngs(0)), nnx.Param)))

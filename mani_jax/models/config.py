@@ -173,6 +173,10 @@ PRESETS: dict[str, ModelConfig] = {
     "chimera-700m": _preset(vocab_size=32000, d_model=1536, n_layers=24, layer_types=hybrid_layer_types(24, 6),
                             n_heads=12, n_kv_heads=4, head_dim=128, d_ff=3072, mamba_n_heads=48,
                             mamba_head_dim=64, d_state=128, chunk_size=256, max_seq_len=4096),
+    # Mixtral-style sparse MoE: 8 experts, top-2, ~125M active of ~369M parameters (counted with eval_shape).
+    "moe-125m-active": _preset(vocab_size=32000, d_model=768, n_layers=12, layer_types=("attention",) * 12,
+                               n_heads=12, n_kv_heads=4, head_dim=64, d_ff=1472, n_experts=8, top_k=2,
+                               d_ff_expert=1472, max_seq_len=2048),
     # An all-attention member of the family (Qwen2-style: q/k/v biases, GQA), exported as llama/qwen2.
     "dense-tiny": _preset(vocab_size=4096, d_model=256, n_layers=6, layer_types=("attention",) * 6,
                           n_heads=4, n_kv_heads=2, head_dim=64, d_ff=768, attention_bias=True,

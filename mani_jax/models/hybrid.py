@@ -375,7 +375,17 @@ class HybridLM(nnx.Module):
         return logits[:, 0], cache
 
 
-def count_params(cfg: ModelConfig) -> int:
-    """Number of parameters of ``HybridLM(cfg)``, from ``nnx.eval_shape`` (nothing is allocated)."""
+def count_params(cfg: ModelConfig, *, active: bool = False) -> int:
+    """Number of parameters of ``HybridLM(cfg)``, from ``nnx.eval_shape`` (nothing is allocated).
+
+    ``active=True`` counts what one token uses: of each layer's ``n_experts`` routed experts only ``top_k``
+    (the router and any shared MLP count in full), the usual "active parameters" of an MoE.
+    """
     abstract = nnx.eval_shape(lambda: HybridLM(cfg, rngs=nnx.Rngs(0)))
-    return sum(int(math.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    total = 0.0
+    for path, x in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+        n = int(math.prod(x.shape))
+        if active and cfg.n_experts and "moe" in path and path[-1] in ("w_gate", "w_up", "w_down"):
+            n = n * cfg.top_k // cfg.n_experts
+        total += n
+    return int(total)
