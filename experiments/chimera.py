@@ -183,6 +183,8 @@ def run(cfg: ChimeraConfig, out: Path, *, preset: str, model_overrides: list[str
     # 5. Export to GGUF, run each file in llama.cpp, compare with JAX on a held-out passage.
     gguf_results = export_stage(cfg, model, tokenizer, val_docs, out, preset) if cfg.gguf_quants else []
 
+    n_val_targets = sum(len(d) - 1 for d in val_docs)
+    val_bits_per_char = val_loss * n_val_targets / corpus.num_chars("validation") / math.log(2)
     summary = {
         "preset": preset,
         "model_preset": cfg.model_preset,
@@ -196,7 +198,7 @@ def run(cfg: ChimeraConfig, out: Path, *, preset: str, model_overrides: list[str
         "val_loss": val_loss,
         "unigram_val_loss": unigram,
         "val_loss_margin_below_unigram": unigram - val_loss,
-        "val_bits_per_char": None,
+        "val_bits_per_char": val_bits_per_char,
         "final_train_loss": result.get("final_loss_avg"),
         "train_flops_per_token": flops_tok,
         "forward_flops_per_token": forward_flops_per_token(model_cfg, tcfg.seq_len),
@@ -216,9 +218,6 @@ def run(cfg: ChimeraConfig, out: Path, *, preset: str, model_overrides: list[str
         "metrics_path": "metrics.jsonl",
         "plot": "loss_curve.png",
     }
-    val_chars = corpus.num_chars("validation")
-    n_val_targets = sum(len(d) - 1 for d in val_docs)
-    summary["val_bits_per_char"] = val_loss * n_val_targets / val_chars / math.log(2)
     _write_json_atomic(out / "summary.json", summary)
     _print_table(summary)
     return summary

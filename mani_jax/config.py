@@ -83,7 +83,7 @@ def apply_overrides(config: T, overrides: Iterable[str] | dict[str, Any]) -> T:
     hints = typing.get_type_hints(type(config))
     names = {f.name for f in dataclasses.fields(config)}
     changes: dict[str, Any] = {}
-    items = overrides.items() if isinstance(overrides, dict) else [_split(o) for o in overrides]
+    items = overrides.items() if isinstance(overrides, dict) else parse_overrides(overrides).items()
     for key, value in items:
         if key not in names:
             raise ValueError(
@@ -92,11 +92,19 @@ def apply_overrides(config: T, overrides: Iterable[str] | dict[str, Any]) -> T:
     return dataclasses.replace(config, **changes)
 
 
-def _split(override: str) -> tuple[str, str]:
-    if "=" not in override:
-        raise ValueError(f"override {override!r}: expected key=value")
-    key, value = override.split("=", 1)
-    return key.strip(), value.strip()
+def parse_overrides(overrides: Iterable[str]) -> dict[str, str]:
+    """``["a=1", "b=x"]`` -> ``{"a": "1", "b": "x"}`` (values still strings; a later key wins).
+
+    Raises:
+      ValueError: an item is not ``key=value``.
+    """
+    out = {}
+    for override in overrides:
+        if "=" not in override:
+            raise ValueError(f"override {override!r}: expected key=value")
+        key, value = override.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
 
 
 def get_preset(presets: dict[str, T], name: str, kind: str = "preset") -> T:
@@ -104,8 +112,3 @@ def get_preset(presets: dict[str, T], name: str, kind: str = "preset") -> T:
     if name not in presets:
         raise ValueError(f"unknown {kind} {name!r}; known: {sorted(presets)}")
     return presets[name]
-
-
-def to_dict(config: Any) -> dict[str, Any]:
-    """A JSON-friendly dict of a (possibly nested) config dataclass."""
-    return dataclasses.asdict(config)

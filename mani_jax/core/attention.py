@@ -17,6 +17,14 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
+def positions_from_segments(segment_ids: Array) -> Array:
+    """Position of each token within its segment (restarting at 0 where the id changes); int32 ``[b, l]``."""
+    idx = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)
+    prev = jnp.concatenate([segment_ids[:, :1], segment_ids[:, :-1]], axis=1)
+    starts = jnp.where((segment_ids != prev) | (idx == 0), idx, 0)
+    return idx - jax.lax.cummax(starts, axis=1)
+
+
 def _check_qkv(q: Array, k: Array, v: Array) -> tuple[int, int, int, int, int, int]:
     if q.ndim != 4:
         raise ValueError(f"q: expected [batch, seq_q, n_heads, head_dim], got shape {q.shape}")

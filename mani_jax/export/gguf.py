@@ -773,10 +773,9 @@ def load(path, *, param_dtype: str = "float32"):
       ValueError: not a GGUF file, a truncated file (naming the tensor cut off), an unsupported architecture,
         a missing or mistyped metadata key, a missing, unexpected or mis-shaped tensor (each named).
     """
-    from flax import nnx
     import jax.numpy as jnp
 
-    from mani_jax.models import HybridLM
+    from mani_jax.models.hybrid import abstract_params, assemble_model
 
     if param_dtype not in ("float32", "bfloat16"):
         raise ValueError(f"param_dtype: expected 'float32' or 'bfloat16', got {param_dtype!r}")
@@ -800,9 +799,7 @@ def load(path, *, param_dtype: str = "float32"):
         raise ValueError(f"{where}: unexpected tensors for this {arch} config: "
                          f"{extra[:6]}{' ...' if len(extra) > 6 else ''}")
 
-    abstract = nnx.eval_shape(lambda: HybridLM(cfg, rngs=nnx.Rngs(0)))
-    flat = dict(nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
-    flat = {tuple(k): v for k, v in flat.items()}
+    abstract, flat = abstract_params(cfg)
     dtype = jnp.float32 if param_dtype == "float32" else jnp.bfloat16
     seen = set()
     for spec in plan:
@@ -827,9 +824,7 @@ def load(path, *, param_dtype: str = "float32"):
     missing = sorted(set(flat) - seen)
     if missing:
         raise AssertionError(f"parameters not filled from {where}: {missing[:4]}")
-    graphdef, _ = nnx.split(abstract, nnx.Param)
-    rest = nnx.state(abstract, nnx.Not(nnx.Param))
-    model = nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
+    model = assemble_model(abstract, flat)
     tokenizer = _tokenizer_from_metadata(meta)
     del reader
     return model, tokenizer

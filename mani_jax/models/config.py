@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-from mani_jax.config import apply_overrides, get_preset
+from mani_jax.config import apply_overrides, get_preset, parse_overrides
 
 LayerType = Literal["attention", "mamba"]
 LAYER_TYPES = ("attention", "mamba")
@@ -196,11 +196,7 @@ def get_config(name: str, overrides: list[str] | dict | None = None) -> ModelCon
     cfg = get_preset(PRESETS, name, "model preset")
     if not overrides:
         return cfg
-    ov = dict(overrides) if isinstance(overrides, dict) else dict(o.split("=", 1) for o in overrides
-                                                                   if "=" in o)
-    if not isinstance(overrides, dict) and len(ov) != len(overrides):
-        bad = [o for o in overrides if "=" not in o]
-        raise ValueError(f"override {bad[0]!r}: expected key=value")
+    ov = dict(overrides) if isinstance(overrides, dict) else parse_overrides(overrides)
     if "n_layers" in ov and "layer_types" not in ov:
         n = int(ov["n_layers"])
         period = next((i + 1 for i, t in enumerate(cfg.layer_types) if t == "attention"), n + 1)

@@ -18,10 +18,9 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from mani_jax.models.config import ModelConfig
-from mani_jax.models.hybrid import HybridLM
+from mani_jax.models.hybrid import HybridLM, abstract_params, assemble_model
 
 _MAMBA_NAMES = ("mamba", "linear_attention")
 _ATTENTION_NAMES = ("attention", "full_attention")
@@ -248,14 +247,11 @@ def load_hf(path: str | Path, *, param_dtype: str = "float32", max_seq_len: int 
             raise ValueError(f"{path}: tie_word_embeddings is true but lm_head.weight differs from embed_tokens")
         tensors.pop("lm_head.weight")
 
-    model = nnx.eval_shape(lambda: HybridLM(cfg, rngs=nnx.Rngs(0)))
-    state = nnx.state(model, nnx.Param)
-    flat = dict(nnx.to_flat_state(state))
+    abstract, flat = abstract_params(cfg)
     name_map = _hf_name_map(cfg, hf["model_type"])
     used: set[str] = set()
     dtype = jnp.float32 if param_dtype == "float32" else jnp.bfloat16
-    for key, var in flat.items():
-        key_t = tuple(key)
+    for key_t, var in flat.items():
         if key_t not in name_map:
             raise AssertionError(f"no Hugging Face mapping for parameter {key_t}")
         hf_names, how = name_map[key_t]
@@ -283,7 +279,4 @@ def load_hf(path: str | Path, *, param_dtype: str = "float32", max_seq_len: int 
     extra = sorted(set(tensors) - used)
     if extra:
         raise ValueError(f"{path}: tensors with no place in the model: {extra[:8]}{' ...' if len(extra) > 8 else ''}")
-    new_state = nnx.from_flat_state(flat)
-    graphdef, _ = nnx.split(model, nnx.Param)
-    rest = nnx.state(model, nnx.Not(nnx.Param))
-    return nnx.merge(graphdef, new_state, rest)
+    return assemble_model(abstract, flat)

@@ -51,14 +51,6 @@ def _normal(std: float):
     return nnx.initializers.normal(stddev=std)
 
 
-def positions_from_segments(segment_ids: Array) -> Array:
-    """Position of each token within its segment (restarting at 0 where the id changes); int32 ``[b, l]``."""
-    idx = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)
-    prev = jnp.concatenate([segment_ids[:, :1], segment_ids[:, :-1]], axis=1)
-    starts = jnp.where((segment_ids != prev) | (idx == 0), idx, 0)
-    return idx - jax.lax.cummax(starts, axis=1)
-
-
 class RMSNorm(nnx.Module):
     """RMSNorm with a learned scale ``weight [dim]`` (see :func:`mani_jax.core.rms_norm`)."""
 
@@ -333,7 +325,7 @@ class HybridLM(nnx.Module):
         """
         b, t = x.shape[:2]
         if positions is None:
-            positions = (positions_from_segments(segment_ids) if segment_ids is not None else
+            positions = (core.positions_from_segments(segment_ids) if segment_ids is not None else
                          jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
         for layer in self.layers:
             x, _ = layer(x, positions=positions, segment_ids=segment_ids)
@@ -375,17 +367,34 @@ class HybridLM(nnx.Module):
         return logits[:, 0], cache
 
 
+def abstract_params(cfg: ModelConfig) -> tuple[HybridLM, dict[tuple, nnx.Variable]]:
+    """An allocation-free ``HybridLM(cfg)`` (``nnx.eval_shape``) and its parameters keyed by path tuple.
+
+    Loaders fill each variable with ``set_value`` and then call :func:`assemble_model`; :func:`count_params`
+    reads the shapes.
+    """
+    abstract = nnx.eval_shape(lambda: HybridLM(cfg, rngs=nnx.Rngs(0)))
+    flat = {tuple(k): v for k, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
+    return abstract, flat
+
+
+def assemble_model(abstract: HybridLM, flat: dict[tuple, nnx.Variable]) -> HybridLM:
+    """The concrete model from :func:`abstract_params` output whose parameters have all been set."""
+    graphdef, _ = nnx.split(abstract, nnx.Param)
+    rest = nnx.state(abstract, nnx.Not(nnx.Param))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
+
+
 def count_params(cfg: ModelConfig, *, active: bool = False) -> int:
     """Number of parameters of ``HybridLM(cfg)``, from ``nnx.eval_shape`` (nothing is allocated).
 
     ``active=True`` counts what one token uses: of each layer's ``n_experts`` routed experts only ``top_k``
     (the router and any shared MLP count in full), the usual "active parameters" of an MoE.
     """
-    abstract = nnx.eval_shape(lambda: HybridLM(cfg, rngs=nnx.Rngs(0)))
-    total = 0.0
-    for path, x in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+    total = 0
+    for path, x in abstract_params(cfg)[1].items():
         n = int(math.prod(x.shape))
         if active and cfg.n_experts and "moe" in path and path[-1] in ("w_gate", "w_up", "w_down"):
             n = n * cfg.top_k // cfg.n_experts
         total += n
-    return int(total)
+    return total
