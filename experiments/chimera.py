@@ -15,16 +15,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
+from experiments.common import default_cache_dir, prepare_corpus, unigram_loss, write_json_atomic
 from mani_jax.config import apply_overrides, get_preset
 from mani_jax.train.trainer import TrainConfig
 
@@ -66,30 +62,6 @@ PRESETS: dict[str, ChimeraConfig] = {
 SAMPLE_PROMPTS = ["ROMEO.\n", "To be, or not to be", "KING HENRY.\nNow, lords,"]
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("MANI_JAX_CACHE", Path.home() / ".cache" / "mani_jax"))
-
-
-def unigram_loss(train_docs: list[np.ndarray], val_docs: list[np.ndarray], vocab_size: int) -> float:
-    """Nats/token of the validation targets (each doc's tokens after the first) under an add-one-smoothed
-    unigram model fit on the training targets."""
-    counts = np.ones(vocab_size, np.float64)
-    for d in train_docs:
-        counts += np.bincount(d[1:], minlength=vocab_size)
-    logp = np.log(counts / counts.sum())
-    total, n = 0.0, 0
-    for d in val_docs:
-        total -= logp[d[1:]].sum()
-        n += len(d) - 1
-    return total / n
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    tmp.replace(path)
-
-
 def _split_overrides(items: list[str]) -> tuple[list[str], list[str], list[str]]:
     """Route ``key=value`` overrides: ``model.*`` to the model config, experiment fields to
     :class:`ChimeraConfig`, everything else to :class:`~mani_jax.train.TrainConfig`."""
@@ -111,11 +83,10 @@ def run(cfg: ChimeraConfig, out: Path, *, preset: str, model_overrides: list[str
     import jax
     from flax import nnx
 
-    from mani_jax.data import load_corpus, make_eval_batches, make_train_iterator, tokenize_corpus
+    from mani_jax.data import make_eval_batches, make_train_iterator
     from mani_jax.inference import generate
     from mani_jax.models import HybridLM, count_params, get_config
     from mani_jax.models.flops import forward_flops_per_token, measure_matmul_flops, train_flops_per_token
-    from mani_jax.tokenizer import Tokenizer, train_tokenizer
     from mani_jax.train import evaluate, train
 
     t_start = time.perf_counter()
@@ -129,30 +100,14 @@ def run(cfg: ChimeraConfig, out: Path, *, preset: str, model_overrides: list[str
         model_cfg = dataclasses.replace(model_cfg, max_seq_len=tcfg.seq_len)
 
     # 1. Corpus and tokenizer (trained on the training split; cached by corpus hash and vocab size).
-    print(f"[chimera] corpus {cfg.corpus!r} (cache {cache_dir})", flush=True)
-    corpus = load_corpus(cfg.corpus, cache_dir)
-    tok_path = out / "tokenizer.model"
-    if resume and tok_path.exists():
-        tokenizer = Tokenizer.load(tok_path)
-    else:
-        cached = cache_dir / "tokenizers" / f"{corpus.content_hash()[:16]}-v{model_cfg.vocab_size}"
-        if not (cached.with_suffix(".model")).exists():
-            print(f"[chimera] training a {model_cfg.vocab_size}-token SentencePiece BPE tokenizer", flush=True)
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            train_tokenizer((d.text for d in corpus.train), model_cfg.vocab_size, cached, seed=tcfg.seed)
-        shutil.copyfile(cached.with_suffix(".model"), tok_path.with_suffix(".tmp"))
-        tok_path.with_suffix(".tmp").replace(tok_path)
-        tokenizer = Tokenizer.load(tok_path)
-    if tokenizer.vocab_size != model_cfg.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model expects {model_cfg.vocab_size}")
-    train_docs, val_docs = tokenize_corpus(corpus, tokenizer, cache_dir)
+    corpus, tokenizer, train_docs, val_docs = prepare_corpus(cfg.corpus, model_cfg.vocab_size, out, cache_dir,
+                                                             seed=tcfg.seed, reuse_run_tokenizer=resume,
+                                                             tag="chimera")
     n_train_tokens = sum(len(d) for d in train_docs)
-    print(f"[chimera] {len(train_docs)} training docs ({n_train_tokens:,} tokens), {len(val_docs)} validation docs "
-          f"({sum(len(d) for d in val_docs):,} tokens)", flush=True)
     unigram = unigram_loss(train_docs, val_docs, tokenizer.vocab_size)
 
     # 2. Model, data iterator, training.
-    _write_json_atomic(out / "model_config.json", dataclasses.asdict(model_cfg))
+    write_json_atomic(out / "model_config.json", dataclasses.asdict(model_cfg))
     model = HybridLM(model_cfg, rngs=nnx.Rngs(tcfg.seed))
     n_params = count_params(model_cfg)
     train_iter = make_train_iterator(train_docs, seq_len=tcfg.seq_len, batch_size=tcfg.batch_size, seed=tcfg.seed)
@@ -218,7 +173,7 @@ def run(cfg: ChimeraConfig, out: Path, *, preset: str, model_overrides: list[str
         "metrics_path": "metrics.jsonl",
         "plot": "loss_curve.png",
     }
-    _write_json_atomic(out / "summary.json", summary)
+    write_json_atomic(out / "summary.json", summary)
     _print_table(summary)
     return summary
 

@@ -43,7 +43,12 @@ class ModelConfig:
         ``n_experts > 0`` (softmax -> top-k -> renormalise, Mixtral / llama.cpp); 0 = dense FFN of width d_ff.
       shared_mlp: with experts, also a dense SwiGLU of width ``d_ff`` added to the experts' output
         (Granite-4.0-H's ``shared_mlp``).
-      capacity_factor: None = dropless dispatch (sort + ``ragged_dot``); a number = capacity-based dispatch.
+      capacity_factor: None = dropless dispatch (sort + grouped matmul); a number = capacity-based dispatch.
+      moe_dispatch: capacity path's dispatch, ``"einsum"`` (GShard one-hot tensors) or ``"gather"``.
+      dropless_impl: dropless path's grouped matmul, ``"ragged_dot"`` (GPU/TPU) or ``"blocked"`` (CPU).
+      router_aux_loss_coef: alpha of the Switch load-balancing loss added to the training loss (our loss is
+        1.0 at uniform routing, so this adds ``alpha`` when balanced; Switch uses 1e-2).
+      router_z_loss_coef: coefficient of the ST-MoE router z-loss in the training loss (ST-MoE uses 1e-3).
       max_seq_len: context length the model is trained for (cache size default, GGUF ``context_length``).
       initializer_range: std of the normal init of projections and embeddings.
       param_dtype: storage dtype of parameters (``"float32"`` or ``"bfloat16"``).
@@ -84,6 +89,10 @@ class ModelConfig:
     d_ff_expert: int = 0
     shared_mlp: bool = False
     capacity_factor: float | None = None
+    moe_dispatch: str = "einsum"
+    dropless_impl: str = "ragged_dot"
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.001
     max_seq_len: int = 2048
     initializer_range: float = 0.02
     param_dtype: str = "float32"
@@ -119,6 +128,13 @@ class ModelConfig:
                 bad("d_ff_expert", "a positive int when n_experts > 0")
             if self.capacity_factor is not None and self.capacity_factor <= 0:
                 bad("capacity_factor", "None (dropless) or a positive number")
+            if self.moe_dispatch not in ("einsum", "gather"):
+                bad("moe_dispatch", "'einsum' or 'gather'")
+            if self.dropless_impl not in ("ragged_dot", "blocked"):
+                bad("dropless_impl", "'ragged_dot' or 'blocked'")
+            for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+                if not getattr(self, name) >= 0:
+                    bad(name, "a number >= 0")
         if self.rope and self.head_dim % 2:
             bad("head_dim", "an even number when rope is on")
         if self.param_dtype not in ("float32", "bfloat16"):

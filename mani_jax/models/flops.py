@@ -7,6 +7,11 @@ work (norms, activations, softmax) is not counted. For Mamba-2 layers the SSD ch
 are counted as the algorithm performs them (Dao & Gu 2024, Sec. 6): per token ``2 Q g n`` (``C B^T``
 within the chunk), ``2 Q h p`` (its product with ``X``), ``2 h p n`` (chunk state) and ``2 h p n``
 (state to output), plus the depthwise conv ``2 conv_dim d_conv``.
+
+Mixture-of-experts FFNs count **active** FLOPs: each token runs ``top_k`` experts of width ``d_ff_expert``
+(``top_k * 3 d d_ff_expert`` multiply-adds), the router ``d * n_experts`` and any shared MLP ``3 d d_ff``;
+the dispatch itself (sorting, gathers, one-hot einsums of the capacity path) and capacity padding are
+not model FLOPs and are not counted (they show up as lower MFU / tokens per second instead).
 """
 
 from __future__ import annotations
@@ -27,7 +32,10 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
       seq_len: training sequence length ``T`` (attention and SSD costs depend on it).
     """
     d = cfg.d_model
-    mlp = 3 * d * cfg.d_ff
+    if cfg.n_experts:
+        mlp = cfg.top_k * 3 * d * cfg.d_ff_expert + d * cfg.n_experts + (3 * d * cfg.d_ff if cfg.shared_mlp else 0)
+    else:
+        mlp = 3 * d * cfg.d_ff
     attn_proj = d * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
     mamba_proj = d * (2 * cfg.d_inner + 2 * cfg.n_groups * cfg.d_state + cfg.mamba_n_heads) + cfg.d_inner * d
     dense = 2 * (cfg.n_layers * mlp + cfg.n_attention_layers * attn_proj + cfg.n_mamba_layers * mamba_proj)

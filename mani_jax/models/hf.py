@@ -65,6 +65,14 @@ def _is_infinite(v: Any) -> bool:
         return False
 
 
+def _aux_coef(hf: dict) -> dict:
+    """HF ``router_aux_loss_coef`` in our convention: HF's balancing loss is ``top_k`` times ours
+    (:func:`mani_jax.core.moe.load_balancing_loss`), so the same gradient needs ``top_k`` times the coefficient."""
+    if hf.get("router_aux_loss_coef") is None:
+        return {}
+    return {"router_aux_loss_coef": float(hf["router_aux_loss_coef"]) * int(hf["num_experts_per_tok"])}
+
+
 def config_from_hf(hf: dict, *, max_seq_len: int | None = None) -> ModelConfig:
     """Translate a Hugging Face ``config.json`` dict into a :class:`ModelConfig`.
 
@@ -94,12 +102,12 @@ def config_from_hf(hf: dict, *, max_seq_len: int | None = None) -> ModelConfig:
         ff = int(hf["intermediate_size"])
         return ModelConfig(layer_types=("attention",) * n_layers, d_ff=ff, d_ff_expert=ff,
                            n_experts=int(hf["num_local_experts"]), top_k=int(hf["num_experts_per_tok"]),
-                           attention_bias=False, rope=True, **common)
+                           attention_bias=False, rope=True, **_aux_coef(hf), **common)
     if mt == "granitemoehybrid":
         n_experts = int(hf.get("num_local_experts") or 0)
         moe = dict(n_experts=n_experts, top_k=int(hf.get("num_experts_per_tok") or 1),
-                   d_ff_expert=int(hf["intermediate_size"]), shared_mlp=int(hf.get("shared_intermediate_size") or 0) > 0
-                   ) if n_experts else {}
+                   d_ff_expert=int(hf["intermediate_size"]), shared_mlp=int(hf.get("shared_intermediate_size") or 0) > 0,
+                   **_aux_coef(hf)) if n_experts else {}
         tsl = hf.get("time_step_limit")
         if tsl is not None and (float(tsl[0]) > 0.0 or not _is_infinite(tsl[1])):
             raise NotImplementedError(f"config.json: time_step_limit {tsl} clamps dt; only (0, inf) is supported")

@@ -85,9 +85,8 @@ class MoEFFN(nnx.Module):
     logits -> top-k -> renormalise, as Mixtral, Granite-4.0-H and llama.cpp compute it.
 
     Parameters: ``router.kernel [d_model, n_experts]``, ``w_gate, w_up [n_experts, d_model, d_ff_expert]``,
-    ``w_down [n_experts, d_ff_expert, d_model]``. Forward only so far: the balancing losses
-    (:func:`mani_jax.core.moe.load_balancing_loss`, ``router_z_loss``) are not yet added to the training
-    loss (issue 7's trainer work).
+    ``w_down [n_experts, d_ff_expert, d_model]``. Dispatch follows the config: dropless
+    (``capacity_factor=None``, grouped matmul ``dropless_impl``) or capacity-based (``moe_dispatch``).
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -100,10 +99,23 @@ class MoEFFN(nnx.Module):
         self.w_up = nnx.Param(std * jax.random.normal(rngs.params(), (e, d, f), pd))
         self.w_down = nnx.Param(std / math.sqrt(2 * cfg.n_layers) * jax.random.normal(rngs.params(), (e, f, d), pd))
 
-    def __call__(self, x: Array) -> Array:
-        y, _ = core.moe_ffn(x, self.router.kernel[...], self.w_gate[...], self.w_up[...], self.w_down[...],
-                       top_k=self.cfg.top_k, capacity_factor=self.cfg.capacity_factor)
-        return y
+    def __call__(self, x: Array) -> tuple[Array, dict[str, Array]]:
+        """``x [batch, seq, d_model]`` -> ``(y like x, aux)``.
+
+        ``aux`` (all float32 unless noted): ``load_balancing_loss`` and ``router_z_loss`` (unscaled scalars,
+        :func:`mani_jax.core.moe.load_balancing_loss` / ``router_z_loss``), ``dropped_fraction``, and
+        :func:`mani_jax.core.moe.expert_utilisation`'s ``load [n_experts]``, ``mean_prob [n_experts]``,
+        ``entropy``, ``max_over_mean``, ``dead_experts`` (int32), ``router_logit_norm``.
+        """
+        cfg = self.cfg
+        y, aux = core.moe_ffn(x, self.router.kernel[...], self.w_gate[...], self.w_up[...], self.w_down[...],
+                              top_k=cfg.top_k, capacity_factor=cfg.capacity_factor, dispatch=cfg.moe_dispatch,
+                              dropless_impl=cfg.dropless_impl)
+        stats = core.expert_utilisation(aux["experts"], aux["logits"], n_experts=cfg.n_experts,
+                                        dropped_fraction=aux["dropped_fraction"])
+        stats["load_balancing_loss"] = aux["load_balancing_loss"]
+        stats["router_z_loss"] = aux["router_z_loss"]
+        return y, stats
 
 
 class Attention(nnx.Module):
@@ -246,6 +258,7 @@ class Block(nnx.Module):
         self.moe = MoEFFN(cfg, rngs=rngs) if cfg.n_experts else None
 
     def __call__(self, x, *, positions, segment_ids=None, cache=None, cache_pos=None):
+        """Returns ``(x, new_cache, moe_aux)``; ``moe_aux`` is :class:`MoEFFN`'s aux dict, or None (dense)."""
         h = self.mixer_norm(x)
         if self.layer_type == "attention":
             h, new_cache = self.mixer(h, positions=positions, segment_ids=segment_ids, cache=cache,
@@ -254,12 +267,15 @@ class Block(nnx.Module):
             h, new_cache = self.mixer(h, segment_ids=segment_ids, cache=cache)
         x = x + self.residual_multiplier * h
         h = self.ffn_norm(x)
+        aux = None
         if self.moe is None:
             out = self.ffn(h)
         else:
-            out = self.moe(h) if self.ffn is None else self.moe(h) + self.ffn(h)
+            out, aux = self.moe(h)
+            if self.ffn is not None:
+                out = out + self.ffn(h)
         x = x + self.residual_multiplier * out
-        return x, new_cache
+        return x, new_cache, aux
 
 
 class HybridLM(nnx.Module):
@@ -295,7 +311,7 @@ class HybridLM(nnx.Module):
         return self.embed(tokens) * jnp.asarray(self.config.embedding_multiplier, self.embed.embedding.dtype)
 
     def __call__(self, tokens: Array, *, segment_ids: Array | None = None,
-                 positions: Array | None = None) -> Array:
+                 positions: Array | None = None, return_aux: bool = False):
         """Logits for every position.
 
         Args:
@@ -303,9 +319,14 @@ class HybridLM(nnx.Module):
           segment_ids: int ``[batch, seq]`` for packed documents (no attention or SSM state crosses a change
             of id); None = one document per row.
           positions: int ``[batch, seq]`` RoPE positions; default: position within the segment.
+          return_aux: also return the MoE routing aux (see below).
 
         Returns:
-          float32 ``[batch, seq, vocab_size]``.
+          float32 logits ``[batch, seq, vocab_size]``; with ``return_aux``, ``(logits, aux)`` where ``aux``
+          holds ``load_balancing_loss`` and ``router_z_loss`` (float32 scalars, unscaled, averaged over the
+          MoE layers; 0 for a dense model) and ``layers``: the per-layer :class:`MoEFFN` aux dicts stacked
+          along a leading ``[n_moe_layers]`` axis (empty dict for a dense model). The training objective is
+          ``lm_loss + router_aux_loss_coef * load_balancing_loss + router_z_loss_coef * router_z_loss``.
 
         Raises:
           ValueError: if ``tokens`` is not a 2-d integer array or the other arrays' shapes differ from it.
@@ -314,10 +335,11 @@ class HybridLM(nnx.Module):
         for name, arr in (("segment_ids", segment_ids), ("positions", positions)):
             if arr is not None and arr.shape != tokens.shape:
                 raise ValueError(f"{name}: expected shape {tokens.shape}, got {arr.shape}")
-        return self.forward_embeddings(self._embed(tokens), segment_ids=segment_ids, positions=positions)
+        return self.forward_embeddings(self._embed(tokens), segment_ids=segment_ids, positions=positions,
+                                       return_aux=return_aux)
 
     def forward_embeddings(self, x: Array, *, segment_ids: Array | None = None,
-                           positions: Array | None = None) -> Array:
+                           positions: Array | None = None, return_aux: bool = False):
         """Logits from already-embedded inputs ``x [batch, seq, d_model]`` (after ``embedding_multiplier``).
 
         Same as :meth:`__call__` otherwise (Hugging Face's ``inputs_embeds``); useful for gradients with
@@ -327,9 +349,21 @@ class HybridLM(nnx.Module):
         if positions is None:
             positions = (core.positions_from_segments(segment_ids) if segment_ids is not None else
                          jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
+        auxes = []
         for layer in self.layers:
-            x, _ = layer(x, positions=positions, segment_ids=segment_ids)
-        return self._logits(x)
+            x, _, aux = layer(x, positions=positions, segment_ids=segment_ids)
+            if aux is not None:
+                auxes.append(aux)
+        logits = self._logits(x)
+        if not return_aux:
+            return logits
+        zero = jnp.zeros((), jnp.float32)
+        stacked = jax.tree.map(lambda *a: jnp.stack(a), *auxes) if auxes else {}
+        return logits, {
+            "load_balancing_loss": jnp.mean(stacked["load_balancing_loss"]) if auxes else zero,
+            "router_z_loss": jnp.mean(stacked["router_z_loss"]) if auxes else zero,
+            "layers": stacked,
+        }
 
     def init_cache(self, batch: int, max_len: int | None = None, dtype=None) -> Cache:
         """An empty cache for ``batch`` rows of up to ``max_len`` tokens (default ``config.max_seq_len``)."""
@@ -356,7 +390,7 @@ class HybridLM(nnx.Module):
         x = self._embed(tokens)
         new_layers = []
         for layer, c in zip(self.layers, cache["layers"]):
-            x, nc = layer(x, positions=positions, cache=c, cache_pos=pos)
+            x, nc, _ = layer(x, positions=positions, cache=c, cache_pos=pos)
             new_layers.append(nc)
         return self._logits(x), {"pos": pos + t, "layers": new_layers}
 

@@ -49,6 +49,7 @@ _log = logging.getLogger(__name__)
 BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_MOE_METRICS = ("load_balancing_loss", "router_z_loss", "dropped_fraction", "expert_load")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,12 +136,31 @@ def cast_floating(model: nnx.Module, dtype: Any) -> nnx.Module:
     return nnx.merge(graphdef, params, rest)
 
 
+def _moe_config(model: nnx.Module):
+    cfg = getattr(model, "config", None)
+    return cfg if getattr(cfg, "n_experts", 0) else None
+
+
 def _forward_loss(model: nnx.Module, batch: dict[str, jax.Array], dtype: Any):
+    """``(objective, info)``: the differentiated objective and ``info`` with ``loss`` (LM cross entropy,
+    nats/token), ``n_tokens`` and, for an MoE model (``model.config.n_experts > 0``), the router losses and
+    per-layer expert load. objective = loss + router_aux_loss_coef * load_balancing_loss +
+    router_z_loss_coef * router_z_loss (just ``loss`` for a dense model)."""
     m = cast_floating(model, dtype)
-    logits = m(batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"])
+    moe_cfg = _moe_config(model)
+    out = m(batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"],
+            **({"return_aux": True} if moe_cfg else {}))
     if m is not model:  # carry any non-parameter updates (RNG counters, ...) back to the master model
         nnx.update(model, nnx.state(m, nnx.Not(nnx.Param)))
-    return lm_loss(logits, batch["targets"], batch["loss_mask"])
+    logits, aux = out if moe_cfg else (out, None)
+    loss, n_tokens = lm_loss(logits, batch["targets"], batch["loss_mask"])
+    info = {"loss": loss, "n_tokens": n_tokens}
+    if moe_cfg is None:
+        return loss, info
+    lb, z = aux["load_balancing_loss"], aux["router_z_loss"]
+    info.update({"load_balancing_loss": lb, "router_z_loss": z, "expert_load": aux["layers"]["load"],
+                 "dropped_fraction": jnp.mean(aux["layers"]["dropped_fraction"])})
+    return loss + moe_cfg.router_aux_loss_coef * lb + moe_cfg.router_z_loss_coef * z, info
 
 
 def make_train_step(graphdef: nnx.GraphDef, schedule: optax.Schedule,
@@ -150,19 +170,21 @@ def make_train_step(graphdef: nnx.GraphDef, schedule: optax.Schedule,
     Returns:
       ``step(state, batch) -> (new_state, metrics)``; ``state`` is donated (do not reuse it). ``batch``
       holds the :data:`BATCH_KEYS` arrays, all ``[batch, seq]`` (int32 except ``loss_mask`` float32).
-      ``metrics``: float32 scalars ``loss`` (mean nats/token before the update), ``grad_norm`` (global L2
-      norm before clipping), ``lr`` (the learning rate this update used), ``n_tokens`` (loss tokens).
+      ``metrics``: float32 scalars ``loss`` (mean nats/token before the update, the LM cross entropy
+      only), ``grad_norm`` (global L2 norm before clipping), ``lr`` (the learning rate this update used),
+      ``n_tokens`` (loss tokens); for an MoE model also ``load_balancing_loss``, ``router_z_loss`` (unscaled,
+      mean over MoE layers), ``dropped_fraction`` and ``expert_load [n_moe_layers, n_experts]`` (fraction
+      of routing assignments per expert). The gradient is of the objective with the router losses added.
     """
     dtype = _DTYPES[compute_dtype]
 
     def step(state, batch):
         model, optimizer = nnx.merge(graphdef, state)
         lr = schedule(optimizer.step[...])
-        (loss, n_tokens), grads = nnx.value_and_grad(
+        (_, info), grads = nnx.value_and_grad(
             lambda m: _forward_loss(m, batch, dtype), has_aux=True)(model)
         optimizer.update(model, grads)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-                   "lr": jnp.asarray(lr, jnp.float32), "n_tokens": n_tokens}
+        metrics = {**info, "grad_norm": optax.tree.norm(grads), "lr": jnp.asarray(lr, jnp.float32)}
         return nnx.state((model, optimizer)), metrics
 
     return jax.jit(step, donate_argnums=0)
@@ -171,8 +193,8 @@ def make_train_step(graphdef: nnx.GraphDef, schedule: optax.Schedule,
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def _eval_step(graphdef, state, batch, compute_dtype):
     model = nnx.merge(graphdef, state)
-    loss, n = _forward_loss(model, batch, _DTYPES[compute_dtype])
-    return loss * n, n
+    _, info = _forward_loss(model, batch, _DTYPES[compute_dtype])
+    return info["loss"] * info["n_tokens"], info["n_tokens"]
 
 
 def _select(batch: dict[str, Any], where: str) -> dict[str, Any]:
@@ -323,7 +345,9 @@ def train(model: nnx.Module, config: TrainConfig, train_iter: Iterator[dict[str,
         nonlocal window
         jax.block_until_ready(state)  # the wait is training time; what follows is not
         t_pause = time.perf_counter()
-        record: dict[str, Any] = {"step": step}
+        # train_seconds: wall clock of this run so far, compile included, log/eval/checkpoint pauses excluded.
+        record: dict[str, Any] = {"step": step, "tokens_seen": tokens_seen,
+                                  "train_seconds": t_pause - t_start - run["excluded"]}
         if pending:
             fetched = jax.device_get([m for _, m in pending])
             for (s, _), m in zip(pending, fetched):
@@ -336,6 +360,9 @@ def train(model: nnx.Module, config: TrainConfig, train_iter: Iterator[dict[str,
             record.update({"loss": float(m["loss"]), "loss_avg": float(np.mean(window)), "lr": float(m["lr"]),
                            "grad_norm": float(m["grad_norm"]), "n_tokens": float(m["n_tokens"]),
                            "tokens_seen": tokens_seen, "tokens_per_second": tps})
+            for key in _MOE_METRICS:  # MoE routing state at this step (expert_load: [layer][expert])
+                if key in m:
+                    record[key] = np.asarray(m[key]).tolist()
             bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tps:,.0f}" if tps else "-")
         if do_eval:
             sync()
