@@ -1,7 +1,7 @@
 """GGUF export of :class:`~mani_jax.models.HybridLM` for llama.cpp, and the way back (GGUF -> JAX).
 
 Which llama.cpp architecture holds which model (the facts are in ``notes/gguf-llamacpp.md``, checked against
-the llama.cpp that llama-cpp-python 0.3.36 vendors, ``src/models/{granite-hybrid,granite,llama}.cpp``):
+the llama.cpp that llama-cpp-python 0.3.36 vendors, ``src/models/{granite-hybrid,granite,granite-moe,llama}.cpp``):
 
 =====================================================  ===============  ==========================================
 model                                                  ``arch``         why
@@ -14,9 +14,30 @@ all attention, RoPE on, default Granite scalars        llama            the gene
 all attention, NoPE or non-default Granite scalars     granite          llama's graph + ``embedding_scale``,
                                                                         ``attention.scale``, ``residual_scale``,
                                                                         ``logit_scale`` and the RoPE on/off switch
+all attention + experts (Mixtral), RoPE on, default    llama            ``expert_count``/``expert_used_count``;
+Granite scalars, no shared MLP                                          llama's graph has no shared expert
+all attention + experts, with a shared MLP, NoPE or    granite          its graph also runs experts + an
+non-default Granite scalars                                             ungated shared expert (``ffn_*_shexp``)
 =====================================================  ===============  ==========================================
 
-All three use NORM (adjacent-pair) RoPE while the JAX model rotates halves (NEOX), so the q/k projection
+``granitemoe`` (what llama.cpp's converter names Granite MoE checkpoints) has the same tensors and graph as
+``granite`` but ignores ``rope.scaling.finetuned`` (RoPE always on), so it is written only when asked for
+(``arch="granitemoe"``) and never for a NoPE model.
+
+Mixture of experts (``ModelConfig.n_experts > 0``; every layer's FFN is routed): ``feed_forward_length`` is the
+per-expert width ``d_ff_expert`` (llama.cpp sizes ``ffn_*_exps`` with ``n_ff``), ``expert_count = n_experts``,
+``expert_used_count = top_k``; the tensors are ``ffn_gate_inp`` ``(n_experts, d_model)`` (the router, always
+F32 as llama.cpp's quantizer keeps it), ``ffn_gate_exps``/``ffn_up_exps`` ``(n_experts, d_ff_expert, d_model)``
+and ``ffn_down_exps`` ``(n_experts, d_model, d_ff_expert)`` (numpy order; each expert's matrix is ``(out, in)``,
+so quantized along the input dimension like the dense FFN). A shared MLP (``shared_mlp=True``, Granite-4.0-H)
+is written as ``expert_shared_feed_forward_length = d_ff`` and ``ffn_{gate,up}_shexp`` ``(d_ff, d_model)`` /
+``ffn_down_shexp`` ``(d_model, d_ff)``: ``granitehybrid``, ``granite`` and ``granitemoe`` add it to the routed
+output without a gate, as the JAX model does. llama.cpp routes softmax -> top-k -> renormalise
+(``build_moe_ffn`` with ``norm_w=true``, softmax gating), which is the JAX router, and never drops tokens: a
+model with a ``capacity_factor`` exports with a warning and runs dropless in llama.cpp. Every layer's FFN is
+routed in llama.cpp as in the JAX model (``expert_count > 0`` switches all layers to ``ffn_*_exps``).
+
+All of them use NORM (adjacent-pair) RoPE while the JAX model rotates halves (NEOX), so the q/k projection
 rows (weights and biases) are permuted per head (:func:`permute_qk`, the Hugging Face converter's ``permute``);
 :func:`load` undoes it. A model with only Mamba-2 layers cannot be exported: llama.cpp's ``granitehybrid`` (like a
 granitehybrid file with only attention layers) aborts on its first decode, and ``mamba2`` has no FFN. The scalars
@@ -25,11 +46,12 @@ attention.scale`` (softmax scale; absent = ``1/sqrt(head_dim)``), ``residual_mul
 and ``logits_scaling -> logit_scale`` (logits are divided by it); ``rope=False`` writes
 ``rope.scaling.finetuned = false``.
 
-Tensor types: every 1-D tensor, every norm (including ``ssm_norm``), ``ssm_a``, ``ssm_d``, ``ssm_conv1d``
-and ``ssm_dt.bias`` stay F32 whatever ``quant`` says (F16 ``ssm_a``/``ssm_d``/``ssm_conv1d`` abort llama.cpp's
-CPU kernels). The other matrices take ``quant``; a matrix whose rows (the input dimension) are not a multiple
-of the quant block (32) is written F16 instead, with a warning. K-quants (``q4_k_m``, ``q6_k``) are made by
-llama.cpp's own quantizer (``llama_model_quantize`` via llama-cpp-python) from an F16 export.
+Tensor types: every 1-D tensor, every norm (including ``ssm_norm``), ``ssm_a``, ``ssm_d``, ``ssm_conv1d``,
+``ssm_dt.bias`` and the expert router ``ffn_gate_inp`` stay F32 whatever ``quant`` says (F16
+``ssm_a``/``ssm_d``/``ssm_conv1d`` abort llama.cpp's CPU kernels). The other matrices take ``quant``; a matrix whose
+rows (the input dimension) are not a multiple of the quant block (32) is written F16 instead, with a warning.
+K-quants (``q4_k_m``, ``q6_k``) are made by llama.cpp's own quantizer (``llama_model_quantize`` via
+llama-cpp-python) from an F16 export.
 
 Every file is written to a temporary name in the destination directory and renamed when complete.
 """
@@ -73,9 +95,10 @@ QUANT_TYPES: dict[str, tuple[Any, int]] = {
 }
 
 #: Architectures :func:`export_gguf` writes and :func:`load` reads (``qwen2`` is read only).
-SUPPORTED_ARCHS = ("granitehybrid", "granite", "llama", "qwen2")
-_WRITABLE_ARCHS = ("granitehybrid", "granite", "llama")
-_NORM_ROPE_ARCHS = ("granitehybrid", "granite", "llama")  # q/k rows permuted (NEOX -> NORM)
+SUPPORTED_ARCHS = ("granitehybrid", "granite", "granitemoe", "llama", "qwen2")
+_WRITABLE_ARCHS = ("granitehybrid", "granite", "granitemoe", "llama")
+_NORM_ROPE_ARCHS = ("granitehybrid", "granite", "granitemoe", "llama")  # q/k rows permuted (NEOX -> NORM)
+_GRANITE_ARCHS = ("granite", "granitemoe", "granitehybrid")  # Granite scalars (all but granitemoe: RoPE switch)
 
 #: Metadata key holding our :class:`ModelConfig` as JSON (llama.cpp ignores unknown keys). :func:`load`
 #: takes the fields GGUF has no key for (``chunk_size``, ``initializer_range``, ...) from it.
@@ -102,6 +125,8 @@ def select_arch(cfg) -> str:
     """The llama.cpp architecture :func:`export_gguf` uses for ``cfg`` (see the module docstring)."""
     if cfg.n_mamba_layers:
         return "granitehybrid"
+    if cfg.n_experts:
+        return "llama" if (cfg.rope and not _has_granite_scalars(cfg) and not cfg.shared_mlp) else "granite"
     if cfg.rope and not _has_granite_scalars(cfg):
         return "llama"
     return "granite"
@@ -111,9 +136,21 @@ def _check_exportable(cfg, arch: str) -> None:
     """Raise ``ValueError`` naming the config field llama.cpp's ``arch`` cannot represent."""
     if arch not in _WRITABLE_ARCHS:
         raise ValueError(f"arch: expected one of {_WRITABLE_ARCHS}, got {arch!r}")
-    if getattr(cfg, "n_experts", 0):
-        raise ValueError(f"ModelConfig.n_experts={cfg.n_experts}: exporting mixture-of-experts FFNs (llama / "
-                         "granitehybrid with expert_count) is not wired yet")
+    if cfg.n_experts:
+        if cfg.shared_mlp and arch == "llama":
+            # llama.cpp src/models/llama.cpp: its MoE branch is build_moe_ffn only (no ffn_*_shexp in the graph).
+            raise ValueError("ModelConfig.shared_mlp=True: llama.cpp's 'llama' graph has no shared expert; "
+                             "use arch='granite' (the default for this config)")
+        if arch == "granitemoe" and not cfg.rope:
+            # llama.cpp src/models/granite-moe.cpp never reads rope.scaling.finetuned: RoPE is always applied.
+            raise ValueError("ModelConfig.rope=False: llama.cpp's granitemoe always applies RoPE; use arch='granite' "
+                             "(the default for this config)")
+        if cfg.shared_mlp and cfg.mlp_bias:
+            raise ValueError("ModelConfig.mlp_bias=True with shared_mlp: llama.cpp's shared expert (ffn_*_shexp) "
+                             "has no biases")
+    elif arch == "granitemoe":
+        raise ValueError("arch='granitemoe' is for mixture-of-experts models (ModelConfig.n_experts > 0); "
+                         "use 'granite' for this dense model")
     if cfg.sliding_window is not None:
         raise ValueError(f"ModelConfig.sliding_window={cfg.sliding_window}: llama.cpp's {arch} has no sliding-window "
                          "attention; export a model with sliding_window=None")
@@ -137,12 +174,15 @@ def _check_exportable(cfg, arch: str) -> None:
             raise ValueError("arch='llama' always applies RoPE; a NoPE model (rope=False) needs 'granite'")
         if _has_granite_scalars(cfg):
             raise ValueError("arch='llama' has no embedding/residual/logit scales; use 'granite' for this model")
-    if arch in ("granite", "granitehybrid"):
+    if arch in _GRANITE_ARCHS:
         for field in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
             if getattr(cfg, field) == 0.0:
                 raise ValueError(f"ModelConfig.{field}=0.0: llama.cpp reads a zero scale as 'unset' (1.0)")
         if cfg.attention_multiplier == 0.0:
             raise ValueError("ModelConfig.attention_multiplier=0.0: llama.cpp reads 0 as 'unset' (1/sqrt(head_dim))")
+    if cfg.n_experts and cfg.capacity_factor is not None:
+        warnings.warn(f"ModelConfig.capacity_factor={cfg.capacity_factor}: llama.cpp routes every token to its "
+                      "top-k experts (dropless); the exported model drops no tokens", stacklevel=3)
 
 
 @dataclass(frozen=True)
@@ -150,7 +190,8 @@ class _TensorSpec:
     """One GGUF tensor: its name, the model parameter it comes from, and how it is laid out.
 
     ``kind``: ``"T"`` (a Dense kernel ``[in, out]`` written ``(out, in)``), ``"q"``/``"k"`` (the same, rows
-    permuted NEOX -> NORM), ``"qb"``/``"kb"`` (permuted biases), ``"id"`` (as is), ``"ssm_a"`` (``-exp(A_log)``
+    permuted NEOX -> NORM), ``"E"`` (stacked expert kernels ``[n_experts, in, out]`` written
+    ``(n_experts, out, in)``), ``"qb"``/``"kb"`` (permuted biases), ``"id"`` (as is), ``"ssm_a"`` (``-exp(A_log)``
     as ``(nh, 1)``), ``"col"`` (``(n, 1)``), ``"ssm_norm"`` (``(ng, d_inner/ng)``), ``"zeros"`` (no parameter:
     the conv bias llama.cpp needs when the model has none).
     """
@@ -199,8 +240,22 @@ def _tensor_plan(cfg, arch: str) -> list[_TensorSpec]:
                 _TensorSpec(b + "ssm_out.weight", M + ("out_proj", "kernel"), "T", (d, di), False),
             ]
         specs.append(_TensorSpec(b + "ffn_norm.weight", L + ("ffn_norm", "weight"), "id", (d,), True))
-        for proj, short, shape in (("gate_proj", "gate", (cfg.d_ff, d)), ("up_proj", "up", (cfg.d_ff, d)),
-                                   ("down_proj", "down", (d, cfg.d_ff))):
+        dense = (("gate_proj", "gate", (cfg.d_ff, d)), ("up_proj", "up", (cfg.d_ff, d)),
+                 ("down_proj", "down", (d, cfg.d_ff)))
+        if cfg.n_experts:
+            E, F, Mo = cfg.n_experts, cfg.d_ff_expert, L + ("moe",)
+            specs += [
+                _TensorSpec(b + "ffn_gate_inp.weight", Mo + ("router", "kernel"), "T", (E, d), True),
+                _TensorSpec(b + "ffn_gate_exps.weight", Mo + ("w_gate",), "E", (E, F, d), False),
+                _TensorSpec(b + "ffn_up_exps.weight", Mo + ("w_up",), "E", (E, F, d), False),
+                _TensorSpec(b + "ffn_down_exps.weight", Mo + ("w_down",), "E", (E, d, F), False),
+            ]
+            if cfg.shared_mlp:  # the dense MLP added to the experts' output: llama.cpp's ungated shared expert
+                for proj, short, shape in dense:
+                    specs.append(_TensorSpec(f"{b}ffn_{short}_shexp.weight", L + ("ffn", proj, "kernel"), "T", shape,
+                                             False))
+            continue
+        for proj, short, shape in dense:
             specs.append(_TensorSpec(f"{b}ffn_{short}.weight", L + ("ffn", proj, "kernel"), "T", shape, False))
             if cfg.mlp_bias:
                 specs.append(_TensorSpec(f"{b}ffn_{short}.bias", L + ("ffn", proj, "bias"), "id", (shape[0],), True))
@@ -233,6 +288,8 @@ def _to_gguf(arr: np.ndarray, spec: _TensorSpec, cfg) -> np.ndarray:
     a = np.asarray(arr, np.float32)
     if k == "T":
         a = a.T
+    elif k == "E":
+        a = a.swapaxes(1, 2)
     elif k in ("q", "k"):
         a = permute_qk(a.T, cfg.n_heads if k == "q" else cfg.n_kv_heads)
     elif k in ("qb", "kb"):
@@ -252,6 +309,8 @@ def _from_gguf(a: np.ndarray, spec: _TensorSpec, cfg, where: str) -> np.ndarray:
     k = spec.kind
     if k == "T":
         return a.T
+    if k == "E":
+        return a.swapaxes(1, 2)
     if k in ("q", "k"):
         return unpermute_qk(a, cfg.n_heads if k == "q" else cfg.n_kv_heads).T
     if k in ("qb", "kb"):
@@ -355,7 +414,14 @@ def _add_metadata(w, cfg, arch: str, name: str, file_type: int, vocab: dict, cha
     w.add_context_length(cfg.max_seq_len)
     w.add_embedding_length(cfg.d_model)
     w.add_block_count(cfg.n_layers)
-    w.add_feed_forward_length(cfg.d_ff)
+    if cfg.n_experts:
+        w.add_feed_forward_length(cfg.d_ff_expert)  # llama.cpp's n_ff sizes ffn_*_exps
+        w.add_expert_count(cfg.n_experts)
+        w.add_expert_used_count(cfg.top_k)
+        if cfg.shared_mlp:
+            w.add_expert_shared_feed_forward_length(cfg.d_ff)
+    else:
+        w.add_feed_forward_length(cfg.d_ff)
     w.add_head_count(cfg.n_heads)
     if arch == "granitehybrid":
         w.add_head_count_kv([int(cfg.n_kv_heads) if t == "attention" else 0 for t in cfg.layer_types])
@@ -367,7 +433,7 @@ def _add_metadata(w, cfg, arch: str, name: str, file_type: int, vocab: dict, cha
     w.add_rope_freq_base(float(cfg.rope_theta))
     w.add_rope_dimension_count(cfg.head_dim)
     w.add_vocab_size(cfg.vocab_size)
-    if arch in ("granite", "granitehybrid"):
+    if arch in _GRANITE_ARCHS:
         w.add_rope_scaling_finetuned(bool(cfg.rope))
         w.add_embedding_scale(float(cfg.embedding_multiplier))
         w.add_residual_scale(float(cfg.residual_multiplier))
@@ -459,7 +525,9 @@ def export_gguf(model, tokenizer, path, *, quant: str = "f16", name: str = "mani
 
     Args:
       model: the model; its ``config`` decides the architecture (:func:`select_arch`). Parameters may be
-        float32 or bfloat16 (written from float32 copies).
+        float32 or bfloat16 (written from float32 copies). A mixture of experts (``n_experts > 0``) is written
+        with ``expert_count``/``expert_used_count``, ``feed_forward_length = d_ff_expert`` and ``ffn_*_exps``
+        tensors, its shared MLP (``shared_mlp``) as ``ffn_*_shexp`` (module docstring).
       tokenizer: a :class:`mani_jax.tokenizer.Tokenizer` or the path of its ``.model`` (SentencePiece; written
         as ``tokenizer.ggml.model = "llama"`` with pieces, scores, types, bos/eos/unk/pad, ``add_bos_token=true``,
         ``add_space_prefix``/``remove_extra_whitespaces`` from its normalizer, both false for ours), or ``None`` for a
@@ -471,7 +539,8 @@ def export_gguf(model, tokenizer, path, *, quant: str = "f16", name: str = "mani
       name: ``general.name``.
       chat_template: a Jinja chat template stored as ``tokenizer.chat_template`` (llama-cpp-python's
         ``chat_template.default`` handler); default: the tokenizer's ``chat_template`` attribute if it has one.
-      arch: force ``"granitehybrid"``, ``"granite"`` or ``"llama"`` instead of :func:`select_arch`.
+      arch: force ``"granitehybrid"``, ``"granite"``, ``"granitemoe"`` or ``"llama"`` instead of
+        :func:`select_arch`.
       n_threads: threads for llama.cpp's K-quantizer (0 = all cores).
 
     Returns:
@@ -480,14 +549,16 @@ def export_gguf(model, tokenizer, path, *, quant: str = "f16", name: str = "mani
     Raises:
       ValueError: unknown ``quant``/``arch``; a config the architecture cannot hold (sliding window, Mamba
         expand != 2 or projection biases, only one layer kind under ``granitehybrid``, Granite scalars or NoPE
-        under ``llama``, a zero scale); a tokenizer larger
+        under ``llama``, a zero scale, a shared MLP under ``llama``, NoPE or no experts under
+        ``granitemoe``, MLP biases with a shared MLP); a tokenizer larger
         than the vocabulary; a missing output directory.
       TypeError: ``tokenizer`` is not a Tokenizer, a path or None.
       ImportError: a K-quant without llama-cpp-python.
       RuntimeError: llama.cpp's quantizer failed.
 
     Warns:
-      UserWarning: matrices whose input dimension is not a multiple of the quant block (written F16).
+      UserWarning: matrices whose input dimension is not a multiple of the quant block (written F16); a
+        ``capacity_factor`` (llama.cpp's experts are dropless).
     """
     quant = str(quant).lower()
     if quant not in QUANT_TYPES:
@@ -634,17 +705,33 @@ def _config_from_metadata(meta: _Meta, arch: str, tensors: dict[str, Any]):
     if rope_dim != head_dim:
         raise ValueError(f"{meta.where}: {a}rope.dimension_count={rope_dim} != head_dim={head_dim} (partial RoPE) "
                          "is not supported")
+    # granitemoe ignores the switch (RoPE always on), as llama.cpp does.
     rope = bool(meta.get(a + "rope.scaling.finetuned", True)) if arch in ("granite", "granitehybrid") else True
     ff = meta.get(a + "feed_forward_length")
     if isinstance(ff, list):
         if len(set(ff)) != 1:
             raise ValueError(f"{meta.where}: per-layer {a}feed_forward_length is not supported")
         ff = ff[0]
-    if int(meta.get(a + "expert_count", 0) or 0) > 0:
-        raise ValueError(f"{meta.where}: {a}expert_count > 0 (MoE FFN) is not supported by this reader yet")
-    kw: dict[str, Any] = dict(
+    n_experts = int(meta.get(a + "expert_count", 0, kind=int))
+    kw: dict[str, Any] = {}
+    if n_experts > 0:
+        if arch == "qwen2":
+            raise ValueError(f"{meta.where}: {a}expert_count > 0 in a qwen2 file (qwen2moe is not supported)")
+        used = meta.get(a + "expert_used_count")
+        if isinstance(used, list):
+            if len(set(used)) != 1:
+                raise ValueError(f"{meta.where}: per-layer {a}expert_used_count {used} is not supported")
+            used = used[0]
+        shared = int(meta.get(a + "expert_shared_feed_forward_length", 0, kind=int))
+        kw.update(n_experts=n_experts, top_k=int(used), d_ff_expert=int(ff), shared_mlp=shared > 0)
+        if shared > 0:
+            kw["d_ff"] = shared
+        # else d_ff (unused by a model without a dense FFN) comes from our config record, or d_ff_expert.
+    else:
+        kw["d_ff"] = int(ff)
+    kw.update(
         vocab_size=emb_shape[0], d_model=d_model, n_layers=n_layers, layer_types=layer_types, n_heads=n_heads,
-        n_kv_heads=n_kv_heads, head_dim=head_dim, d_ff=int(ff), rope=rope,
+        n_kv_heads=n_kv_heads, head_dim=head_dim, rope=rope,
         rope_theta=float(meta.get(a + "rope.freq_base", 10000.0)),
         norm_eps=float(meta.get(a + "attention.layer_norm_rms_epsilon", kind=float)),
         max_seq_len=int(meta.get(a + "context_length", kind=int)),
@@ -654,8 +741,9 @@ def _config_from_metadata(meta: _Meta, arch: str, tensors: dict[str, Any]):
     if first_attn is not None:
         kw["attention_bias"] = f"blk.{first_attn}.attn_q.bias" in tensors
         kw["attention_out_bias"] = f"blk.{first_attn}.attn_output.bias" in tensors
-    kw["mlp_bias"] = "blk.0.ffn_gate.bias" in tensors
-    if arch in ("granite", "granitehybrid"):
+    if n_experts == 0:
+        kw["mlp_bias"] = "blk.0.ffn_gate.bias" in tensors
+    if arch in _GRANITE_ARCHS:
         def scale(key, default=1.0):
             v = float(meta.get(a + key, 0.0) or 0.0)
             return v if v != 0.0 else default
@@ -692,6 +780,7 @@ def _config_from_metadata(meta: _Meta, arch: str, tensors: dict[str, Any]):
         if ours.get("attention_multiplier", 0.0) is None and kw.get("attention_multiplier") is not None and \
                 math.isclose(kw["attention_multiplier"], 1.0 / math.sqrt(head_dim), rel_tol=1e-6):
             kw["attention_multiplier"] = None
+    kw.setdefault("d_ff", kw.get("d_ff_expert", 1))
     try:
         return ModelConfig(**kw)
     except (ValueError, TypeError) as e:
@@ -752,11 +841,12 @@ def _strip_ones(shape: tuple[int, ...]) -> tuple[int, ...]:
 def load(path, *, param_dtype: str = "float32"):
     """Rebuild a :class:`~mani_jax.models.HybridLM` (and its tokenizer) from a GGUF file.
 
-    Reads the architectures :data:`SUPPORTED_ARCHS` (``granitehybrid``, ``granite``, ``llama`` as written by
-    :func:`export_gguf`, and dense ``qwen2``). Quantized tensors are dequantized with ``gguf.quants.dequantize``
-    (K-quants included); q/k rows are un-permuted for the NORM-RoPE archs; ``ssm_a`` gives ``A_log =
-    log(-ssm_a)``. The :class:`ModelConfig` comes from the standard metadata keys; fields GGUF has no key for
-    (``chunk_size``, ``initializer_range``, ...) from the ``mani_jax.model_config`` record when present.
+    Reads the architectures :data:`SUPPORTED_ARCHS` (``granitehybrid``, ``granite``, ``granitemoe``, ``llama`` as
+    written by :func:`export_gguf`, mixtures of experts included, and dense ``qwen2``). Quantized tensors are
+    dequantized with ``gguf.quants.dequantize`` (K-quants included); q/k rows are un-permuted for the NORM-RoPE
+    archs; ``ssm_a`` gives ``A_log = log(-ssm_a)``. The :class:`ModelConfig` comes from the standard metadata keys;
+    fields GGUF has no key for (``chunk_size``, ``initializer_range``, ...) from the ``mani_jax.model_config``
+    record when present.
 
     Args:
       path: the ``.gguf`` file.
