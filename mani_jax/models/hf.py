@@ -288,3 +288,24 @@ def load_hf(path: str | Path, *, param_dtype: str = "float32", max_seq_len: int 
     if extra:
         raise ValueError(f"{path}: tensors with no place in the model: {extra[:8]}{' ...' if len(extra) > 8 else ''}")
     return assemble_model(abstract, flat)
+
+
+def load_hf_with_tokenizer(path: str | Path, **kwargs):
+    """:func:`load_hf` plus the directory's tokenizer: ``model, tok = load_hf_with_tokenizer(path)``.
+
+    ``tok`` is a :class:`mani_jax.hf_tokenizer.HFTokenizer` (``tokenizer.json`` + ``tokenizer_config.json`` +
+    ``generation_config.json``); ``kwargs`` go to :func:`load_hf`.
+
+    Raises:
+      ValueError: as :func:`load_hf` and :meth:`HFTokenizer.load`, or when the tokenizer has more ids than the
+        model's embedding rows (the model could not embed them; real checkpoints pad the embedding instead,
+        e.g. Qwen2.5: 151665 tokenizer ids, 151936 rows).
+    """
+    from mani_jax.hf_tokenizer import HFTokenizer
+
+    tok = HFTokenizer.load(path)
+    model = load_hf(path, **kwargs)
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"{path}: tokenizer.json has {tok.vocab_size} ids but the model's vocab_size is "
+                         f"{model.config.vocab_size}")
+    return model, tok
