@@ -137,7 +137,10 @@ PRESETS: dict[str, MoEStudyConfig] = {
 }
 
 
-def _zero_router(model) -> None:
+def zero_router(model) -> None:
+    """The deliberately bad router init: set every MoE layer's router weights of ``model`` to zero (in place).
+
+    All logits tie at 0, so ``top_k`` (ties broken by index) sends every token to experts ``0..k-1``."""
     import jax.numpy as jnp
     for layer in model.layers:
         layer.moe.router.kernel.set_value(jnp.zeros_like(layer.moe.router.kernel[...]))
@@ -222,7 +225,7 @@ def run(cfg: MoEStudyConfig, out: Path, *, preset: str, cache_dir: Path | None =
             (run_dir / "metrics.jsonl").unlink()
         model = HybridLM(mcfg, rngs=nnx.Rngs(tcfg.seed))
         if VARIANTS[name]["bad_init"]:
-            _zero_router(model)
+            zero_router(model)
         # Same seed -> same shuffle -> every variant sees the same batches in the same order.
         train_iter = make_train_iterator(train_docs, seq_len=tcfg.seq_len, batch_size=tcfg.batch_size,
                                          seed=tcfg.seed)

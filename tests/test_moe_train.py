@@ -131,10 +131,10 @@ def test_config_rejects_bad_moe_fields():
 
 
 def test_zero_router_init_routes_every_token_to_the_first_experts():
-    from experiments.moe_scaling import _zero_router
+    from experiments.moe_scaling import zero_router
     cfg = _moe_cfg()
     model = HybridLM(cfg, rngs=nnx.Rngs(0))
-    _zero_router(model)
+    zero_router(model)
     _, aux = model(_batch(cfg)["tokens"], return_aux=True)
     np.testing.assert_allclose(aux["layers"]["load"], [[0.5, 0.5, 0, 0]] * 2)
     assert int(aux["layers"]["dead_experts"].sum()) == 4
