@@ -1,11 +1,14 @@
 """A plain cached decode loop: prefill the prompt, then one ``decode_step`` per new token.
 
-This is the simple path (one sequence at a time, dense cache) used by the experiments for samples; the
-engine with a paged KV cache and continuous batching is ``mani_jax.inference``'s larger job.
+This is the simple path (one sequence at a time, contiguous cache): the reference the engine
+(:mod:`mani_jax.inference.engine`) is tested against and the one-at-a-time baseline of its benchmark. The
+jitted prefill and step are cached per model structure, cache length and sampling settings, so repeated
+calls with the same shapes do not recompile.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -13,6 +16,18 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mani_jax.core.sampling import sample_token
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _prefill(graphdef, state, tokens, cache):
+    return nnx.merge(graphdef, state).prefill(tokens, cache)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7))
+def _step(graphdef, state, token, cache, key, temperature, top_k, top_p):
+    logits, cache = nnx.merge(graphdef, state).decode_step(token, cache)
+    key, sub = jax.random.split(key)
+    return sample_token(sub, logits, temperature=temperature, top_k=top_k, top_p=top_p), cache, key
 
 
 def generate(
@@ -25,6 +40,7 @@ def generate(
     top_p: float = 1.0,
     seed: int = 0,
     stop_ids: Sequence[int] = (),
+    cache_len: int | None = None,
 ) -> list[int]:
     """Sample up to ``max_new_tokens`` tokens after ``prompt`` from a :class:`~mani_jax.models.HybridLM`.
 
@@ -35,13 +51,15 @@ def generate(
       temperature, top_k, top_p: see :func:`mani_jax.core.sampling.sample_token` (0 = greedy).
       seed: PRNG seed; the same seed gives the same tokens.
       stop_ids: generation stops after emitting any of these (the stop token is included).
+      cache_len: KV-cache length (default ``len(prompt) + max_new_tokens``); a fixed value (e.g.
+        ``max_seq_len``) lets prompts of different lengths share one compiled decode step.
 
     Returns:
       The new token ids (not including the prompt).
 
     Raises:
-      ValueError: empty prompt, negative ``max_new_tokens``, or a prompt + generation longer than
-        ``model.config.max_seq_len``.
+      ValueError: empty prompt, negative ``max_new_tokens``, a prompt + generation longer than
+        ``model.config.max_seq_len``, or ``cache_len`` shorter than prompt + generation.
     """
     prompt = [int(t) for t in prompt]
     if not prompt:
@@ -53,25 +71,17 @@ def generate(
         raise ValueError(f"prompt + max_new_tokens = {total} exceeds max_seq_len={model.config.max_seq_len}")
     if max_new_tokens == 0:
         return []
+    cache_len = total if cache_len is None else cache_len
+    if cache_len < total:
+        raise ValueError(f"cache_len: expected >= len(prompt) + max_new_tokens = {total}, got {cache_len}")
     graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def prefill(state, tokens, cache):
-        return nnx.merge(graphdef, state).prefill(tokens, cache)
-
-    @jax.jit
-    def step(state, token, cache, key):
-        logits, cache = nnx.merge(graphdef, state).decode_step(token, cache)
-        key, sub = jax.random.split(key)
-        return sample_token(sub, logits, temperature=temperature, top_k=top_k, top_p=top_p), cache, key
-
-    cache = model.init_cache(1, total)
-    logits, cache = prefill(state, jnp.asarray([prompt], jnp.int32), cache)
+    cache = model.init_cache(1, cache_len)
+    logits, cache = _prefill(graphdef, state, jnp.asarray([prompt], jnp.int32), cache)
     key, sub = jax.random.split(jax.random.PRNGKey(seed))
     token = sample_token(sub, logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p)
     out = [int(token[0])]
     stops = set(int(s) for s in stop_ids)
     while len(out) < max_new_tokens and out[-1] not in stops:
-        token, cache, key = step(state, token, cache, key)
+        token, cache, key = _step(graphdef, state, token, cache, key, float(temperature), int(top_k), float(top_p))
         out.append(int(token[0]))
     return out

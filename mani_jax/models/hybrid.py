@@ -25,6 +25,7 @@ from flax import nnx
 
 from mani_jax import core
 from mani_jax.models.config import ModelConfig
+from mani_jax.models.quantize import weight_value
 
 Array = jax.Array
 Cache = dict[str, Any]
@@ -105,16 +106,19 @@ class MoEFFN(nnx.Module):
         ``aux`` (all float32 unless noted): ``load_balancing_loss`` and ``router_z_loss`` (unscaled scalars,
         :func:`mani_jax.core.moe.load_balancing_loss` / ``router_z_loss``), ``dropped_fraction``, and
         :func:`mani_jax.core.moe.expert_utilisation`'s ``load [n_experts]``, ``mean_prob [n_experts]``,
-        ``entropy``, ``max_over_mean``, ``dead_experts`` (int32), ``router_logit_norm``.
+        ``entropy``, ``max_over_mean``, ``dead_experts`` (int32), ``router_logit_norm``, and the routing
+        itself: ``experts`` (int32 ``[batch, seq, top_k]``, best first) and ``weights [batch, seq, top_k]``.
         """
         cfg = self.cfg
-        y, aux = core.moe_ffn(x, self.router.kernel[...], self.w_gate[...], self.w_up[...], self.w_down[...],
+        w_gate, w_up, w_down = (weight_value(w, x.dtype) for w in (self.w_gate, self.w_up, self.w_down))
+        y, aux = core.moe_ffn(x, self.router.kernel[...], w_gate, w_up, w_down,
                               top_k=cfg.top_k, capacity_factor=cfg.capacity_factor, dispatch=cfg.moe_dispatch,
                               dropless_impl=cfg.dropless_impl)
         stats = core.expert_utilisation(aux["experts"], aux["logits"], n_experts=cfg.n_experts,
                                         dropped_fraction=aux["dropped_fraction"])
         stats["load_balancing_loss"] = aux["load_balancing_loss"]
         stats["router_z_loss"] = aux["router_z_loss"]
+        stats["experts"], stats["weights"] = aux["experts"], aux["weights"]
         return y, stats
 
 
@@ -141,7 +145,11 @@ class Attention(nnx.Module):
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
     def __call__(self, x: Array, *, positions: Array, segment_ids: Array | None = None,
-                 cache: Cache | None = None, cache_pos: Array | None = None) -> tuple[Array, Cache | None]:
+                 cache: Cache | None = None, cache_pos: Array | None = None,
+                 paged: tuple[Array, Array] | None = None) -> tuple[Array, Cache | None]:
+        """``cache``: contiguous ``{"k", "v"}`` written at ``cache_pos``, or with ``paged = (block_tables,
+        lengths)`` the paged ``{"k_pages", "v_pages"}`` (:mod:`mani_jax.core.paged_attention` layout), where
+        token ``[b, t]`` is written at its ``positions[b, t]``."""
         cfg = self.cfg
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, cfg.n_heads, cfg.head_dim)
@@ -156,6 +164,15 @@ class Attention(nnx.Module):
             out = attn(q, k, v, causal=True, segment_ids=segment_ids, q_positions=positions,
                        kv_positions=positions, **kw)
             new_cache = None
+        elif paged is not None:
+            block_tables, lengths = paged
+            ps = cache["k_pages"].shape[1]
+            page = jnp.take_along_axis(block_tables, positions // ps, axis=1)  # [b, t]
+            off = positions % ps
+            kp = cache["k_pages"].at[page, off].set(k.astype(cache["k_pages"].dtype))
+            vp = cache["v_pages"].at[page, off].set(v.astype(cache["v_pages"].dtype))
+            out = core.paged_attention(q, kp, vp, block_tables, lengths, q_positions=positions, **kw)
+            new_cache = {"k_pages": kp, "v_pages": vp}
         else:
             ck = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, cache_pos, 0, 0))
             cv = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, cache_pos, 0, 0))
@@ -257,12 +274,12 @@ class Block(nnx.Module):
         self.ffn = MLP(cfg, rngs=rngs) if (cfg.n_experts == 0 or cfg.shared_mlp) else None
         self.moe = MoEFFN(cfg, rngs=rngs) if cfg.n_experts else None
 
-    def __call__(self, x, *, positions, segment_ids=None, cache=None, cache_pos=None):
+    def __call__(self, x, *, positions, segment_ids=None, cache=None, cache_pos=None, paged=None):
         """Returns ``(x, new_cache, moe_aux)``; ``moe_aux`` is :class:`MoEFFN`'s aux dict, or None (dense)."""
         h = self.mixer_norm(x)
         if self.layer_type == "attention":
             h, new_cache = self.mixer(h, positions=positions, segment_ids=segment_ids, cache=cache,
-                                      cache_pos=cache_pos)
+                                      cache_pos=cache_pos, paged=paged)
         else:
             h, new_cache = self.mixer(h, segment_ids=segment_ids, cache=cache)
         x = x + self.residual_multiplier * h
@@ -393,6 +410,45 @@ class HybridLM(nnx.Module):
             x, nc, _ = layer(x, positions=positions, cache=c, cache_pos=pos)
             new_layers.append(nc)
         return self._logits(x), {"pos": pos + t, "layers": new_layers}
+
+    def init_paged_cache(self, n_pages: int, page_size: int, n_slots: int, dtype=None) -> list[Cache]:
+        """Per-layer state for :meth:`forward_paged`: attention layers ``{"k_pages", "v_pages"}`` of
+        ``[n_pages, page_size, n_kv_heads, head_dim]``; Mamba-2 layers ``{"conv", "ssm"}`` with one row per
+        sequence slot (``[n_slots, ...]`` as in :meth:`init_cache`)."""
+        dtype = self.embed.embedding.dtype if dtype is None else dtype
+        cfg = self.config
+        shape = (n_pages, page_size, cfg.n_kv_heads, cfg.head_dim)
+        return [{"k_pages": jnp.zeros(shape, dtype), "v_pages": jnp.zeros(shape, dtype)}
+                if l.layer_type == "attention" else l.mixer.init_cache(n_slots, dtype) for l in self.layers]
+
+    def forward_paged(self, tokens: Array, positions: Array, cache: list[Cache], block_tables: Array,
+                      lengths: Array, slots: Array) -> tuple[Array, list[Cache]]:
+        """One engine step over a paged KV cache: logits for ``tokens`` and the updated per-layer state.
+
+        Args:
+          tokens: int ``[B, T]``; row ``b`` continues the sequence whose pages are ``block_tables[b]`` and
+            whose recurrent state is slot ``slots[b]``. Every row's tokens are consecutive.
+          positions: int ``[B, T]`` absolute positions (the keys are written there).
+          cache: :meth:`init_paged_cache` state.
+          block_tables: int ``[B, max_pages]``; lengths: int ``[B]`` tokens cached after this step's writes.
+          slots: int ``[B]`` rows of the Mamba-2 state (distinct within a call).
+
+        Returns:
+          ``(logits float32 [B, T, vocab], new cache)``. Equals :meth:`prefill` / :meth:`decode_step` on a
+          contiguous cache holding the same tokens.
+        """
+        self._check_tokens(tokens, 2)
+        x = self._embed(tokens)
+        new = []
+        for layer, c in zip(self.layers, cache):
+            if layer.layer_type == "attention":
+                x, nc, _ = layer(x, positions=positions, cache=c, paged=(block_tables, lengths))
+            else:
+                sc = {"conv": c["conv"][slots], "ssm": c["ssm"][slots]}
+                x, nsc, _ = layer(x, positions=positions, cache=sc)
+                nc = {"conv": c["conv"].at[slots].set(nsc["conv"]), "ssm": c["ssm"].at[slots].set(nsc["ssm"])}
+            new.append(nc)
+        return self._logits(x), new
 
     def decode_step(self, token: Array, cache: Cache) -> tuple[Array, Cache]:
         """One token per row: ``token [batch]`` -> ``(logits [batch, vocab], cache)``."""
