@@ -141,8 +141,10 @@ def test_stop_tokens_end_a_request():
                                                      (1.0, 20, 0.5)])
 def test_batched_sampler_matches_core_sample_token(temperature, top_k, top_p):
     logits = jax.random.normal(jax.random.PRNGKey(1), (6, 97)) * 3
-    keys = jax.random.split(jax.random.PRNGKey(2), 6)
-    ours = _sample_rows(logits, keys, jnp.full(6, temperature), jnp.full(6, top_k, jnp.int32), jnp.full(6, top_p))
+    seeds, counters = jnp.arange(6, dtype=jnp.uint32) + 40, jnp.arange(6, dtype=jnp.int32) * 3
+    ours = _sample_rows(logits, seeds, counters, jnp.full(6, temperature), jnp.full(6, top_k, jnp.int32),
+                        jnp.full(6, top_p))
+    keys = [jax.random.fold_in(jax.random.PRNGKey(int(s)), int(c)) for s, c in zip(seeds, counters)]
     ref = [int(sample_token(keys[i], logits[i:i + 1], temperature=temperature, top_k=top_k, top_p=top_p)[0])
            for i in range(6)]
     assert [int(t) for t in ours] == ref

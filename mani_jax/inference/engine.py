@@ -76,6 +76,8 @@ class SamplingParams:
             raise ValueError(f"top_k: expected >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p: expected in (0, 1], got {self.top_p}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed: expected an int in [0, 2**32), got {self.seed}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: expected >= 1, got {self.max_new_tokens}")
 
@@ -109,29 +111,31 @@ class Request:
         return self.n_computed + max(len(self.tokens) - 1, 0)
 
 
-def _sample_rows(logits, keys, temperature, top_k, top_p):
-    """Per-row sampling with per-row parameters: ``logits [B, V]``, ``keys [B, 2]``, params ``[B]``.
+def _sample_rows(logits, seeds, counters, temperature, top_k, top_p):
+    """Per-row sampling with per-row parameters: ``logits [B, V]``; ``seeds``, ``counters`` int ``[B]`` (row
+    ``b`` uses the key ``fold_in(PRNGKey(seeds[b]), counters[b])``); ``temperature``, ``top_k``, ``top_p`` ``[B]``.
 
-    Matches :func:`mani_jax.core.sampling.sample_token` row by row (greedy when temperature is 0; top-k
-    keeps ties at the boundary; top-p keeps the smallest prefix of the sorted distribution reaching p).
+    Matches :func:`mani_jax.core.sampling.sample_token` row by row with that key (greedy when temperature
+    is 0; top-k keeps ties at the boundary; top-p keeps the smallest prefix of the sorted distribution
+    reaching p). When every row is greedy only the argmax is computed.
     """
-    def one(lg, key, t, k, p):
-        lg = lg.astype(jnp.float32)
-        greedy = jnp.argmax(lg).astype(jnp.int32)
-        x = lg / jnp.where(t > 0, t, 1.0)
+    def one(lg, seed, counter, t, k, p):
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), counter)
+        x = lg.astype(jnp.float32) / jnp.where(t > 0, t, 1.0)
         srt = jnp.sort(x)[::-1]
         kth = srt[jnp.clip(k - 1, 0, x.shape[0] - 1)]
         x = jnp.where((k > 0) & (x < kth), -jnp.inf, x)
         order = jnp.argsort(-x)
-        sx = x[order]
-        probs = jax.nn.softmax(sx)
+        probs = jax.nn.softmax(x[order])
         before = jnp.cumsum(probs) - probs
         keep = jnp.zeros_like(x, dtype=bool).at[order].set(before < p)
         x = jnp.where((p < 1.0) & ~keep, -jnp.inf, x)
         sampled = jax.random.categorical(key, x).astype(jnp.int32)
-        return jnp.where(t > 0, sampled, greedy)
+        return jnp.where(t > 0, sampled, jnp.argmax(lg).astype(jnp.int32))
 
-    return jax.vmap(one)(logits, keys, temperature, top_k, top_p)
+    greedy = lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    full = lambda: jax.vmap(one)(logits, seeds, counters, temperature, top_k, top_p)
+    return jax.lax.cond(jnp.all(temperature == 0), greedy, full)
 
 
 class Engine:
@@ -185,7 +189,8 @@ class Engine:
     def reset(self) -> None:
         """Forget every request and cached page (fresh zeroed caches); compiled programs are kept."""
         self.pool = PagePool(self.n_pages, self.page_size, prefix_caching=self.prefix_caching)
-        self.cache = self._init_cache()
+        # Committed to the device from the start, like every later (donated) cache, so jit sees one signature.
+        self.cache = jax.device_put(self._init_cache(), jax.devices()[0])
         self._free_slots = list(range(self.max_batch - 1, -1, -1))
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
@@ -205,9 +210,10 @@ class Engine:
             logits, cache = forward(state, cache, tokens, positions, block_tables, lengths, slots)
             return logits[:, -1], cache
 
-        def decode(state, cache, tokens, positions, block_tables, lengths, slots, keys, temp, top_k, top_p):
+        def decode(state, cache, tokens, positions, block_tables, lengths, slots, seeds, counters, temp, top_k,
+                   top_p):
             logits, cache = forward(state, cache, tokens, positions, block_tables, lengths, slots)
-            return _sample_rows(logits[:, 0], keys, temp, top_k, top_p), cache
+            return _sample_rows(logits[:, 0], seeds, counters, temp, top_k, top_p), cache
 
         def set_slot(cache, slot, states):
             new = list(cache)
@@ -231,19 +237,17 @@ class Engine:
         n = 1
         scratch = np.full((1, self.max_pages), self.scratch_page, np.int32)
         while n <= self.prefill_budget:
-            _, self.cache = self._run(("prefill", n), lambda: self._prefill(
+            logits, self.cache = self._run(("prefill", n), lambda: self._prefill(
                 self._state, self.cache, np.zeros((1, n), np.int32), np.arange(n, dtype=np.int32)[None], scratch,
                 np.asarray([n], np.int32), np.asarray([self.scratch_slot], np.int32)))
             n *= 2
         b = self.max_batch
-        zf, zi = np.zeros(b, np.float32), np.zeros(b, np.int32)
-        keys = jnp.stack([jax.random.PRNGKey(0)] * b)
+        zf, zi, zu = np.zeros(b, np.float32), np.zeros(b, np.int32), np.zeros(b, np.uint32)
         tok, self.cache = self._run(("decode",), lambda: self._decode(
             self._state, self.cache, np.zeros((b, 1), np.int32), np.zeros((b, 1), np.int32),
             np.full((b, self.max_pages), self.scratch_page, np.int32), zi, np.full(b, self.scratch_slot, np.int32),
-            keys, zf, zi, np.ones(b, np.float32)))
-        self._run(("sample",), lambda: self._sample(
-            jnp.zeros((1, self.config.vocab_size), jnp.float32), keys[:1], zf[:1], zi[:1], np.ones(1, np.float32)))
+            zu, zi, zf, zi, np.ones(b, np.float32)))
+        self._run(("sample",), lambda: self._sample(logits, zu[:1], zi[:1], zf[:1], zi[:1], np.ones(1, np.float32)))
         if self.has_mamba:
             st = self._run(("get_slot",), lambda: self._get_slot(self.cache, self.scratch_slot))
             self._run(("set_slot",), lambda: self._set_slot(self.cache, self.scratch_slot, st), assign=True)
@@ -361,11 +365,11 @@ class Engine:
                 budget -= n
                 self._register(req)
                 if req.n_computed == len(req.prompt):
-                    key = jax.random.fold_in(jax.random.PRNGKey(req.params.seed), 0)[None]
                     p = req.params
                     tok = self._run(("sample",), lambda: self._sample(
-                        logits, key, jnp.asarray([p.temperature], jnp.float32), jnp.asarray([p.top_k], jnp.int32),
-                        jnp.asarray([p.top_p], jnp.float32)))
+                        logits, np.asarray([p.seed], np.uint32), np.zeros(1, np.int32),
+                        np.asarray([p.temperature], np.float32), np.asarray([p.top_k], np.int32),
+                        np.asarray([p.top_p], np.float32)))
                     req.status = "decode"
                     self._emit(req, int(tok[0]), events)
 
@@ -430,7 +434,7 @@ class Engine:
         temp = np.zeros(b, np.float32)
         top_k = np.zeros(b, np.int32)
         top_p = np.ones(b, np.float32)
-        keys = []
+        seeds, counters = np.zeros(b, np.uint32), np.zeros(b, np.int32)
         for i in range(b):
             if i < len(rows):
                 r = rows[i]
@@ -438,12 +442,11 @@ class Engine:
                 tokens[i, 0], positions[i, 0], lengths[i], slots[i] = r.tokens[-1], pos, pos + 1, r.slot
                 tables[i] = self._block_table(r)
                 temp[i], top_k[i], top_p[i] = r.params.temperature, r.params.top_k, r.params.top_p
-                keys.append(jax.random.fold_in(jax.random.PRNGKey(r.params.seed), len(r.tokens)))
+                seeds[i], counters[i] = r.params.seed, len(r.tokens)
             else:
                 slots[i] = self.scratch_slot  # padding row: scratch page, scratch state slot
-                keys.append(jax.random.PRNGKey(0))
         out, cache = self._run(("decode",), lambda: self._decode(
-            self._state, self.cache, tokens, positions, tables, lengths, slots, jnp.stack(keys), temp, top_k, top_p))
+            self._state, self.cache, tokens, positions, tables, lengths, slots, seeds, counters, temp, top_k, top_p))
         self.cache = cache
         out = np.asarray(out)
         for i, r in enumerate(rows):
