@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from experiments.common import default_cache_dir, prepare_corpus, write_json_atomic
+from experiments.common import default_cache_dir, load_run, prepare_corpus, write_json_atomic
 from mani_jax.config import apply_overrides, get_preset
 
 
@@ -168,17 +167,13 @@ def run(cfg: EngineBenchConfig, out: Path, *, preset: str, checkpoint: Path | No
     import jax
     from flax import nnx
 
-    from mani_jax.models import HybridLM, config_from_dict, get_config
+    from mani_jax.models import HybridLM, get_config
 
     out.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(cache_dir or default_cache_dir())
     if checkpoint is not None:
-        from mani_jax.tokenizer import Tokenizer
-        from mani_jax.train import restore_checkpoint
-        model_cfg = config_from_dict(json.loads((checkpoint / "model_config.json").read_text()))
-        model = HybridLM(model_cfg, rngs=nnx.Rngs(0))
-        restore_checkpoint(checkpoint, model)
-        tokenizer = Tokenizer.load(checkpoint / "tokenizer.model")
+        model, tokenizer = load_run(checkpoint)
+        model_cfg = model.config
         _, _, _, val_docs = prepare_corpus("shakespeare", model_cfg.vocab_size, out, cache_dir, tag="engine_bench")
     else:
         model_cfg = get_config(cfg.model_preset)

@@ -88,3 +88,18 @@ def test_partial_acceptance_rolls_caches_back(models, target_kind):
     out, stats = speculative_generate(target, prompt, 40, draft=draft, gamma=4)
     assert out == generate(target, prompt, 40, temperature=0.0)
     assert 0.2 < stats["acceptance_rate"] < 1.0, stats
+
+
+@pytest.mark.slow
+def test_speculative_benchmark_smoke(tmp_path):
+    from experiments import speculative
+    s = speculative.main(["--preset", "smoke", "--out", str(tmp_path)])
+    rows = s["results"]
+    assert {r["system"] for r in rows} == {"target only", "prompt lookup", "draft"}
+    for r in rows:
+        assert r["tokens_per_second"] > 0 and r["tokens_per_target_call"] > 0
+        if r["temperature"] == 0:
+            assert r["greedy_equal"] is True  # speculative greedy == target-only greedy, token for token
+    assert s["cost_ratio_c"] > 0 and (tmp_path / "speculative.png").stat().st_size > 0
+    assert speculative.expected_speedup(0.0, 4, 0.1) == pytest.approx(1 / 1.4)
+    assert speculative.expected_speedup(1.0, 4, 0.0) == pytest.approx(5.0)
