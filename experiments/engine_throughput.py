@@ -33,6 +33,7 @@ import numpy as np
 
 from experiments.common import default_cache_dir, load_run, prepare_corpus, write_json_atomic
 from mani_jax.config import apply_overrides, get_preset
+from mani_jax.train.metrics import save_figure
 
 
 @dataclass(frozen=True)
@@ -75,36 +76,17 @@ def _summarise(name: str, t0: float, first: list[float], times: list[list[float]
 
 
 def run_plain(model, prompts, n_new, cache_len) -> tuple[list[list[int]], dict]:
+    from mani_jax.inference import generate
+
     t0 = time.perf_counter()
     outs, first, times = [], [], []
     for p in prompts:
         ts: list[float] = []
-        outs.append(_timed_generate(model, p, n_new, cache_len, ts))
+        outs.append(generate(model, p, n_new, temperature=0.0, cache_len=cache_len,
+                             on_token=lambda _: ts.append(time.perf_counter())))
         first.append(ts[0])
         times.append(ts)
     return outs, _summarise("plain loop, one at a time", t0, first, times, time.perf_counter() - t0)
-
-
-def _timed_generate(model, prompt, n_new, cache_len, ts: list[float]) -> list[int]:
-    """:func:`mani_jax.inference.generate` (greedy) with a timestamp per token (same jitted programs)."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from mani_jax.inference.generate import _prefill, _step
-
-    graphdef, state = nnx.split(model)
-    cache = model.init_cache(1, cache_len)
-    logits, cache = _prefill(graphdef, state, jnp.asarray([prompt], jnp.int32), cache)
-    token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-    out = [int(token[0])]
-    ts.append(time.perf_counter())
-    key = jax.random.PRNGKey(0)
-    while len(out) < n_new:
-        token, cache, key = _step(graphdef, state, token, cache, key, 0.0, 0, 1.0)
-        out.append(int(token[0]))
-        ts.append(time.perf_counter())
-    return out
 
 
 def run_engine(model, prompts, n_new, cfg: EngineBenchConfig, prefix_caching: bool, warm_prompts=()):
@@ -116,24 +98,23 @@ def run_engine(model, prompts, n_new, cfg: EngineBenchConfig, prefix_caching: bo
     eng.warmup()  # compile every prefill chunk length, decode and sampling program
     eng.generate(prompts, sp)  # an untimed pass as for the other systems
     eng.reset()  # empty caches and prefix cache, compiled programs kept
-    fresh = eng
     if warm_prompts:
-        fresh.generate(warm_prompts, sp)
-    hits_before = fresh.pool.stats["hit_tokens"]
-    queried_before = fresh.pool.stats["query_tokens"]
+        eng.generate(warm_prompts, sp)
+    hits_before = eng.pool.stats["hit_tokens"]
+    queried_before = eng.pool.stats["query_tokens"]
     t0 = time.perf_counter()
-    ids = [fresh.add_request(p, sp) for p in prompts]
-    for r in (fresh.requests[i] for i in ids):
+    ids = [eng.add_request(p, sp) for p in prompts]
+    for r in (eng.requests[i] for i in ids):
         r.arrival_time = t0
-    fresh.run()
+    eng.run()
     wall = time.perf_counter() - t0
-    reqs = [fresh.requests[i] for i in ids]
+    reqs = [eng.requests[i] for i in ids]
     name = "engine + prefix cache" if prefix_caching else "engine"
     res = _summarise(name, t0, [r.first_token_time for r in reqs], [r.token_times for r in reqs], wall)
-    q = fresh.pool.stats["query_tokens"] - queried_before
-    res["prefix_hit_rate"] = (fresh.pool.stats["hit_tokens"] - hits_before) / q if q else 0.0
-    res["n_programs"] = fresh.n_programs
-    res["steps"] = fresh.n_steps
+    q = eng.pool.stats["query_tokens"] - queried_before
+    res["prefix_hit_rate"] = (eng.pool.stats["hit_tokens"] - hits_before) / q if q else 0.0
+    res["n_programs"] = eng.n_programs
+    res["steps"] = eng.n_steps
     return [r.tokens for r in reqs], res
 
 
@@ -264,10 +245,7 @@ def _plot(s: dict, out: Path) -> str:
         ax.set_title(label)
         ax.legend(fontsize=8)
     fig.suptitle(f"engine benchmark ({s['config']['model_preset']}, {s['config']['n_requests']} requests, {s['device']})")
-    tmp = out / "engine_throughput.tmp.png"
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(out / "engine_throughput.png")
+    save_figure(fig, out / "engine_throughput.png", bbox_inches="tight")
     return "engine_throughput.png"
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from mani_jax.config import apply_overrides, get_preset
+from mani_jax.train.metrics import save_figure
 
 
 @dataclass(frozen=True)
@@ -110,10 +111,7 @@ def _plot(rows: list[dict], path: Path, cfg: BenchConfig) -> None:
         ax.set_title(label, fontsize=9)
     fig.suptitle(f"{cfg.model_preset} in llama.cpp on the CPU ({cfg.n_threads} threads)", fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -44,6 +44,7 @@ import numpy as np
 
 from experiments.common import default_cache_dir, prepare_corpus, unigram_loss, write_json_atomic
 from mani_jax.config import apply_overrides, get_preset
+from mani_jax.train.metrics import save_figure
 from mani_jax.train.trainer import TrainConfig
 
 VARIANTS: dict[str, dict] = {
@@ -333,10 +334,7 @@ def _plots(s: dict, out: Path) -> list[str]:
     written = []
 
     def save(fig, name):
-        tmp = out / (name + ".tmp.png")
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        tmp.replace(out / name)
+        save_figure(fig, out / name, bbox_inches="tight")
         written.append(name)
 
     runs = s["runs"]

@@ -29,6 +29,7 @@ import numpy as np
 
 from experiments.common import default_cache_dir, load_run, prepare_corpus, write_json_atomic
 from mani_jax.config import apply_overrides, get_preset
+from mani_jax.train.metrics import save_figure
 
 
 @dataclass(frozen=True)
@@ -167,10 +168,7 @@ def _plot(s, out: Path) -> str:
     ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("tokens/s over target-only")
     ax.set_title(f"speculative decoding on {s['device']} (c = {s['cost_ratio_c'] or float('nan'):.2f})")
-    tmp = out / "speculative.tmp.png"
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(out / "speculative.png")
+    save_figure(fig, out / "speculative.png", bbox_inches="tight")
     return "speculative.png"
 
 

@@ -12,7 +12,8 @@ from safetensors.numpy import load_file, save_file
 from mani_jax.models import config_from_hf, load_hf
 
 GOLDEN = Path(__file__).parent / "golden"
-NAMES = ["granite_hybrid_rope", "granite_hybrid_nope", "qwen2", "qwen2_tied", "mixtral", "granite_hybrid_moe"]
+NAMES = ["granite_hybrid_rope", "granite_hybrid_nope", "qwen2", "qwen2_tied", "mixtral", "granite_hybrid_moe",
+         "mixtral_sliding"]
 
 
 @pytest.mark.parametrize("name", NAMES)

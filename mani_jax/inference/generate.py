@@ -9,7 +9,7 @@ calls with the same shapes do not recompile.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +41,7 @@ def generate(
     seed: int = 0,
     stop_ids: Sequence[int] = (),
     cache_len: int | None = None,
+    on_token: Callable[[int], None] | None = None,
 ) -> list[int]:
     """Sample up to ``max_new_tokens`` tokens after ``prompt`` from a :class:`~mani_jax.models.HybridLM`.
 
@@ -53,6 +54,7 @@ def generate(
       stop_ids: generation stops after emitting any of these (the stop token is included).
       cache_len: KV-cache length (default ``len(prompt) + max_new_tokens``); a fixed value (e.g.
         ``max_seq_len``) lets prompts of different lengths share one compiled decode step.
+      on_token: called with each new token id as soon as it is on the host (streaming, timing).
 
     Returns:
       The new token ids (not including the prompt).
@@ -79,9 +81,16 @@ def generate(
     logits, cache = _prefill(graphdef, state, jnp.asarray([prompt], jnp.int32), cache)
     key, sub = jax.random.split(jax.random.PRNGKey(seed))
     token = sample_token(sub, logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p)
-    out = [int(token[0])]
+    out: list[int] = []
+
+    def emit(t: int) -> None:
+        out.append(t)
+        if on_token is not None:
+            on_token(t)
+
+    emit(int(token[0]))
     stops = set(int(s) for s in stop_ids)
     while len(out) < max_new_tokens and out[-1] not in stops:
         token, cache, key = _step(graphdef, state, token, cache, key, float(temperature), int(top_k), float(top_p))
-        out.append(int(token[0]))
+        emit(int(token[0]))
     return out

@@ -97,12 +97,14 @@ def config_from_hf(hf: dict, *, max_seq_len: int | None = None) -> ModelConfig:
         return ModelConfig(layer_types=("attention",) * n_layers, d_ff=int(hf["intermediate_size"]),
                            attention_bias=True, attention_out_bias=False, rope=True, **common)
     if mt == "mixtral":
-        if hf.get("sliding_window"):
-            raise NotImplementedError("config.json: Mixtral sliding_window is not supported")
+        # Mistral's window: a query sees keys with q_pos - kv_pos < sliding_window (transformers'
+        # sliding_window_overlay, kv_idx > q_idx - window), our attention's convention too.
+        window = hf.get("sliding_window")
         ff = int(hf["intermediate_size"])
         return ModelConfig(layer_types=("attention",) * n_layers, d_ff=ff, d_ff_expert=ff,
                            n_experts=int(hf["num_local_experts"]), top_k=int(hf["num_experts_per_tok"]),
-                           attention_bias=False, rope=True, **_aux_coef(hf), **common)
+                           attention_bias=False, rope=True, sliding_window=int(window) if window else None,
+                           **_aux_coef(hf), **common)
     if mt == "granitemoehybrid":
         n_experts = int(hf.get("num_local_experts") or 0)
         moe = dict(n_experts=n_experts, top_k=int(hf.get("num_experts_per_tok") or 1),

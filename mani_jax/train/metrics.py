@@ -130,10 +130,18 @@ def plot_loss_curve(records: Iterable[dict[str, Any]], out_path: str | os.PathLi
     if train or evals:
         ax.legend()
     fig.tight_layout()
+    return save_figure(fig, out_path)
+
+
+def save_figure(fig, out_path: str | os.PathLike, **savefig_kwargs) -> Path:
+    """Write a matplotlib figure as PNG to a temporary name, then rename (never a half-written file);
+    closes the figure. ``savefig_kwargs`` go to ``fig.savefig`` (default ``dpi=110``). Returns the path."""
+    import matplotlib.pyplot as plt
+
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.stem + ".tmp" + out_path.suffix)
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, **{"dpi": 110, **savefig_kwargs})
     plt.close(fig)
     os.replace(tmp, out_path)
     return out_path

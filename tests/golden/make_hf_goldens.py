@@ -174,6 +174,13 @@ def mixtral_config() -> MixtralConfig:
     )
 
 
+def mixtral_sliding_config() -> MixtralConfig:
+    # Mistral-style sliding-window attention: a query sees the 8 most recent keys (itself included).
+    cfg = mixtral_config()
+    cfg.sliding_window = 8
+    return cfg
+
+
 def granite_moe_config() -> GraniteMoeHybridConfig:
     # Shaped like Granite-4.0-H-Tiny (MoE FFN in every layer + always-on shared MLP, NoPE, tied),
     # shrunk: 8 experts top-2 instead of 64 top-6.
@@ -223,6 +230,7 @@ MODELS = {
     "qwen2_tied": (Qwen2ForCausalLM, qwen2_tied_config),
     "mixtral": (MixtralForCausalLM, mixtral_config),
     "granite_hybrid_moe": (GraniteMoeHybridForCausalLM, granite_moe_config),
+    "mixtral_sliding": (MixtralForCausalLM, mixtral_sliding_config),
 }
 
 
