@@ -1,7 +1,9 @@
 """Data: corpora (Shakespeare, text directories, JSONL) -> token arrays -> packed grain batches.
 
 See :mod:`mani_jax.data.corpora` for corpora and :mod:`mani_jax.data.pipeline` for the batch layout
-(``tokens``/``targets``/``segment_ids``/``positions``/``loss_mask``, each ``[batch, seq]``).
+(``tokens``/``targets``/``segment_ids``/``positions``/``loss_mask``, each ``[batch, seq]``; chats for
+supervised fine-tuning via :func:`tokenize_chats` and ``target_masks``), and :mod:`mani_jax.data.reasoning` for
+generated reasoning problems with verifiable answers.
 """
 
 from mani_jax.data.corpora import (
@@ -26,6 +28,7 @@ from mani_jax.data.pipeline import (
     make_train_dataset,
     make_train_iterator,
     split_pieces,
+    tokenize_chats,
     tokenize_corpus,
 )
 
@@ -49,5 +52,6 @@ __all__ = [
     "split_pieces",
     "strip_gutenberg_boilerplate",
     "text_dir_corpus",
+    "tokenize_chats",
     "tokenize_corpus",
 ]

@@ -10,6 +10,7 @@ key                dtype      shape     meaning
 ``segment_ids``    int32      [B, L]    1, 2, ... per packed piece within the row; 0 on padding
 ``positions``      int32      [B, L]    position within the piece, 0 at each segment start
 ``loss_mask``      float32    [B, L]    1.0 iff ``targets[t]`` follows ``tokens[t]`` in the same piece
+                                        (and, with ``target_masks``, the target token is marked trained)
 =================  =========  ========  ===============================================================
 
 Pieces. Each document's token stream (``BOS text EOS``) is cut into pieces of at most ``L + 1`` tokens
@@ -35,6 +36,14 @@ batches is the exact token-weighted mean over every validation target.
 
 Tokenized corpora are cached by :func:`tokenize_corpus` under
 ``cache_dir/tokens/<sha256(tokenizer sha256, corpus content hash)>/`` as ``.npy`` files.
+
+Supervised fine-tuning. Every builder takes optional ``target_masks``: one bool array per document, aligned with
+its tokens, True where the token is one the model must learn to produce (for chats, the assistant tokens from
+:func:`mani_jax.chat.encode_chat`; :func:`tokenize_chats` makes both lists). The masks travel through the same
+pieces, shuffles and packing as the tokens, and ``loss_mask[t]`` is additionally multiplied by the mask of the
+target token ``targets[t]`` (the mask shifted by one, like the targets). Without ``target_masks`` every batch is
+exactly what it was before. A chat longer than ``L + 1`` tokens would be cut into pieces like any document
+(a later piece then lacks its prompt); :func:`tokenize_chats` refuses, truncates or drops such chats instead.
 """
 
 from __future__ import annotations
@@ -62,6 +71,7 @@ __all__ = [
     "make_train_iterator",
     "make_eval_batches",
     "count_targets",
+    "tokenize_chats",
 ]
 
 BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
@@ -177,6 +187,29 @@ def _check_docs(token_docs: Sequence[np.ndarray], name: str = "token_docs") -> l
     return out
 
 
+def _check_masks(target_masks: Sequence[np.ndarray] | None, docs: list[np.ndarray]) -> list[np.ndarray] | None:
+    """``target_masks`` as bool arrays, one per document and of its length; ``None`` passes through."""
+    if target_masks is None:
+        return None
+    if isinstance(target_masks, np.ndarray) and target_masks.dtype != object:
+        raise TypeError(f"target_masks: expected a list of 1-D arrays (one per document), got one array of shape "
+                        f"{target_masks.shape}")
+    masks = list(target_masks)
+    if len(masks) != len(docs):
+        raise ValueError(f"target_masks: expected one mask per document ({len(docs)}), got {len(masks)}")
+    out = []
+    for i, (m, d) in enumerate(zip(masks, docs)):
+        a = np.asarray(m)
+        if a.shape != d.shape:
+            raise ValueError(f"target_masks[{i}]: expected shape {d.shape} (the document's), got {a.shape}")
+        if a.size and not (a.dtype == np.bool_ or np.issubdtype(a.dtype, np.integer)):
+            raise TypeError(f"target_masks[{i}]: expected a bool (or 0/1 int) array, got {a.dtype}")
+        if a.size and a.dtype != np.bool_ and not np.isin(a, (0, 1)).all():
+            raise ValueError(f"target_masks[{i}]: an int mask must hold only 0 and 1")
+        out.append(a.astype(np.bool_))
+    return out
+
+
 def _check_pos_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -212,21 +245,32 @@ def split_pieces(token_docs: Sequence[np.ndarray], seq_len: int) -> np.ndarray:
     return np.concatenate(rows, axis=0)
 
 
-def count_targets(token_docs: Sequence[np.ndarray]) -> int:
-    """Number of next-token targets in ``token_docs``: ``sum(max(len(doc) - 1, 0))`` (one epoch's
-    ``loss_mask`` sum)."""
-    return int(sum(max(len(d) - 1, 0) for d in token_docs))
+def count_targets(token_docs: Sequence[np.ndarray], target_masks: Sequence[np.ndarray] | None = None) -> int:
+    """Number of next-token targets in ``token_docs`` (one epoch's ``loss_mask`` sum): ``sum(max(len(doc) - 1,
+    0))``, or with ``target_masks`` ``sum(mask[1:].sum())`` (the first token of a document is never a target).
+
+    Raises:
+      ValueError / TypeError: ``target_masks`` does not have one bool array per document, of its length.
+    """
+    if target_masks is None:
+        return int(sum(max(len(d) - 1, 0) for d in token_docs))
+    masks = _check_masks(target_masks, _check_docs(token_docs))
+    return int(sum(int(m[1:].sum()) for m in masks))
 
 
 class _PieceLookup:
-    """Picklable ``(doc, start, end) -> {"tokens": piece}`` map over in-memory documents."""
+    """Picklable ``(doc, start, end) -> {"tokens": piece[, "target_mask": mask piece]}`` map over in-memory
+    documents."""
 
-    def __init__(self, docs: list[np.ndarray]):
+    def __init__(self, docs: list[np.ndarray], masks: list[np.ndarray] | None = None):
         self._docs = docs
+        self._masks = masks
 
     def __call__(self, entry: np.ndarray) -> dict[str, np.ndarray]:
         d, s, e = (int(x) for x in entry)
-        return {"tokens": self._docs[d][s:e]}
+        if self._masks is None:
+            return {"tokens": self._docs[d][s:e]}
+        return {"tokens": self._docs[d][s:e], "target_mask": self._masks[d][s:e]}
 
 
 def _finalize_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -235,6 +279,8 @@ def _finalize_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     seg = packed["tokens_segment_ids"]
     pos = packed["tokens_positions"]
     same = (seg[:-1] == seg[1:]) & (seg[:-1] > 0)
+    if "target_mask" in packed:  # supervised fine-tuning: only marked target tokens count
+        same = same & packed["target_mask"][1:].astype(np.bool_)
     return {
         "tokens": row[:-1].astype(np.int32),
         "targets": row[1:].astype(np.int32),
@@ -245,15 +291,19 @@ def _finalize_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _packed_rows(
-    pieces_ds: grain.IterDataset, seq_len: int, num_packing_bins: int, seed: int, shuffle_bins: bool, pad_id: int
+    pieces_ds: grain.IterDataset, seq_len: int, num_packing_bins: int, seed: int, shuffle_bins: bool, pad_id: int,
+    with_mask: bool = False,
 ) -> grain.IterDataset:
+    length, padding = {"tokens": seq_len + 1}, {"tokens": pad_id}
+    if with_mask:
+        length["target_mask"], padding["target_mask"] = seq_len + 1, False
     packed = grain.experimental.FirstFitPackIterDataset(
         pieces_ds,
-        length_struct={"tokens": seq_len + 1},
+        length_struct=length,
         num_packing_bins=num_packing_bins,
         seed=seed,
         shuffle_bins=shuffle_bins,
-        padding_struct={"tokens": pad_id},
+        padding_struct=padding,
     )
     return packed.map(_finalize_row)
 
@@ -268,6 +318,7 @@ def make_train_dataset(
     num_epochs: int | None = None,
     num_packing_bins: int | None = None,
     pad_id: int = PAD_ID,
+    target_masks: Sequence[np.ndarray] | None = None,
 ) -> grain.IterDataset:
     """The training pipeline as a grain ``IterDataset`` of batches (see the module docstring).
 
@@ -280,13 +331,16 @@ def make_train_dataset(
       num_packing_bins: rows packed at a time by first fit (default ``max(batch_size, 32)``); more bins
         mean less padding for short documents.
       pad_id: token id written into padding (masked out anyway).
+      target_masks: optional, one bool array per document (same length): only targets whose token is marked
+        count in ``loss_mask`` (supervised fine-tuning; see the module docstring). Piece order, packing and the
+        iterator state are the same as without it.
 
     Returns:
       ``IterDataset`` yielding ``dict[str, np.ndarray]`` with :data:`BATCH_KEYS`, each ``[B, L]``.
 
     Raises:
-      ValueError: ``seq_len``/``batch_size``/``num_epochs`` not positive, ``seed`` out of range, or no
-        document has 2 tokens (empty corpus).
+      ValueError: ``seq_len``/``batch_size``/``num_epochs`` not positive, ``seed`` out of range, no
+        document has 2 tokens (empty corpus), or ``target_masks`` not one mask per document of its length.
     """
     seq_len = _check_pos_int(seq_len, "seq_len")
     batch_size = _check_pos_int(batch_size, "batch_size")
@@ -297,11 +351,12 @@ def make_train_dataset(
     seed = int(seed)
     bins = max(batch_size, 32) if num_packing_bins is None else _check_pos_int(num_packing_bins, "num_packing_bins")
     docs = _check_docs(token_docs)
+    masks = _check_masks(target_masks, docs)
     table = split_pieces(docs, seq_len)
     if len(table) == 0:
         raise ValueError("token_docs: empty corpus (no document has at least 2 tokens)")
-    ds = grain.MapDataset.source(table).shuffle(seed).repeat(num_epochs).map(_PieceLookup(docs))
-    rows = _packed_rows(ds.to_iter_dataset(_NO_THREADS), seq_len, bins, seed, True, pad_id)
+    ds = grain.MapDataset.source(table).shuffle(seed).repeat(num_epochs).map(_PieceLookup(docs, masks))
+    rows = _packed_rows(ds.to_iter_dataset(_NO_THREADS), seq_len, bins, seed, True, pad_id, masks is not None)
     return rows.batch(batch_size, drop_remainder=True)
 
 
@@ -314,6 +369,7 @@ def make_train_iterator(
     num_epochs: int | None = None,
     num_packing_bins: int | None = None,
     pad_id: int = PAD_ID,
+    target_masks: Sequence[np.ndarray] | None = None,
 ) -> grain.DatasetIterator:
     """Checkpointable iterator over training batches: ``iter(make_train_dataset(...))``.
 
@@ -333,6 +389,7 @@ def make_train_iterator(
             num_epochs=num_epochs,
             num_packing_bins=num_packing_bins,
             pad_id=pad_id,
+            target_masks=target_masks,
         )
     )
 
@@ -345,6 +402,7 @@ def make_eval_batches(
     batch_size: int,
     num_packing_bins: int | None = None,
     pad_id: int = PAD_ID,
+    target_masks: Sequence[np.ndarray] | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """One deterministic pass over ``token_docs`` (document order, no shuffle) as padded batches.
 
@@ -360,23 +418,26 @@ def make_eval_batches(
       batch_size: ``B``.
       num_packing_bins: first-fit bins (default ``max(batch_size, 32)``).
       pad_id: token id written into padding.
+      target_masks: optional, one bool array per document: only marked target tokens count (then
+        ``sum(loss_mask) == count_targets(token_docs, target_masks)``).
 
     Returns:
       list of batches, each a dict with :data:`BATCH_KEYS` of shape ``[B, L]`` (int32, ``loss_mask``
       float32). Empty when no document has 2 tokens.
 
     Raises:
-      ValueError: ``seq_len``/``batch_size`` not positive.
+      ValueError: ``seq_len``/``batch_size`` not positive; ``target_masks`` not one mask per document.
     """
     seq_len = _check_pos_int(seq_len, "seq_len")
     batch_size = _check_pos_int(batch_size, "batch_size")
     bins = max(batch_size, 32) if num_packing_bins is None else _check_pos_int(num_packing_bins, "num_packing_bins")
     docs = _check_docs(token_docs)
+    masks = _check_masks(target_masks, docs)
     table = split_pieces(docs, seq_len)
     if len(table) == 0:
         return []
-    ds = grain.MapDataset.source(table).map(_PieceLookup(docs)).to_iter_dataset(_NO_THREADS)
-    rows = list(_packed_rows(ds, seq_len, bins, 0, False, pad_id))
+    ds = grain.MapDataset.source(table).map(_PieceLookup(docs, masks)).to_iter_dataset(_NO_THREADS)
+    rows = list(_packed_rows(ds, seq_len, bins, 0, False, pad_id, masks is not None))
     pad_row = {
         "tokens": np.full((seq_len,), pad_id, np.int32),
         "targets": np.full((seq_len,), pad_id, np.int32),
@@ -389,3 +450,59 @@ def make_eval_batches(
         {k: np.stack([r[k] for r in rows[i: i + batch_size]]) for k in BATCH_KEYS}
         for i in range(0, len(rows), batch_size)
     ]
+
+
+# ------------------------------------------------------------------------------------------------ chats
+def tokenize_chats(
+    tokenizer: Tokenizer,
+    conversations: Sequence[Sequence[dict]],
+    *,
+    max_tokens: int | None = None,
+    overflow: str = "error",
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Token ids and assistant masks of chat conversations, ready for ``make_train_dataset(docs,
+    target_masks=masks, ...)``.
+
+    Each conversation is encoded by :func:`mani_jax.chat.encode_chat` (BOS, role headers, contents,
+    ``<|end|>``; the mask marks assistant contents and their closing ``<|end|>``). No EOS is appended: a reply
+    ends with ``<|end|>``, and packing keeps conversations apart with segment ids.
+
+    Args:
+      tokenizer: a :class:`~mani_jax.tokenizer.Tokenizer` with the chat tokens.
+      conversations: list of message lists (``[{"role", "content"}, ...]``).
+      max_tokens: longest allowed conversation in tokens (``seq_len + 1`` fits one packed row); ``None``: no
+        limit.
+      overflow: what to do with a longer conversation: ``"error"`` (raise), ``"truncate"`` (keep the first
+        ``max_tokens`` tokens; the cut reply loses its end) or ``"drop"`` (leave it out; the outputs are then
+        shorter than ``conversations``).
+
+    Returns:
+      ``(docs, masks)``: lists of int32 ``[T_i]`` and bool ``[T_i]`` arrays.
+
+    Raises:
+      ValueError: a malformed conversation (naming its index), ``max_tokens < 2``, an unknown ``overflow``, or a
+        conversation longer than ``max_tokens`` with ``overflow="error"``.
+    """
+    from mani_jax.chat import encode_chat
+
+    if overflow not in ("error", "truncate", "drop"):
+        raise ValueError(f"overflow: expected 'error', 'truncate' or 'drop', got {overflow!r}")
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer))
+                                   or max_tokens < 2):
+        raise ValueError(f"max_tokens: expected None or an int >= 2, got {max_tokens!r}")
+    docs, masks = [], []
+    for i, conv in enumerate(conversations):
+        try:
+            ids, mask = encode_chat(tokenizer, conv)
+        except ValueError as e:
+            raise ValueError(f"conversations[{i}]: {e}") from e
+        if max_tokens is not None and len(ids) > max_tokens:
+            if overflow == "error":
+                raise ValueError(f"conversations[{i}]: {len(ids)} tokens > max_tokens={max_tokens} "
+                                 "(use overflow='truncate' or 'drop', or a longer seq_len)")
+            if overflow == "drop":
+                continue
+            ids, mask = ids[:max_tokens], mask[:max_tokens]
+        docs.append(ids)
+        masks.append(mask)
+    return docs, masks
