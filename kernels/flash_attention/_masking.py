@@ -164,6 +164,8 @@ def q_block_range(spec: MaskSpec, kv_start, block_kv: int, block_q: int, n_q_blo
         return lo, hi
     k_lo = kv_start
     k_hi = kv_start + (block_kv - 1)
+    if spec.kv_padded:  # the last real key, not the padding
+        k_hi = jnp.minimum(k_hi, spec.seq_kv - 1)
     w = spec.window
     off = spec.offset
     if spec.causal:  # smallest query position that sees k_lo is k_lo
