@@ -54,6 +54,7 @@ __all__ = [
     "heldout_problems",
     "is_heldout",
     "check_answer",
+    "check_countdown_expression",
     "extract_answer",
     "few_shot_prompt",
     "to_devanagari_digits",
