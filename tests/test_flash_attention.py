@@ -407,3 +407,59 @@ def test_compiled_gpu_matches_reference(causal, segments, d):
         r, g = np.where(np.isinf(r), 0, r), np.where(np.isinf(g), 0, g)
         err = np.max(np.abs(g - r)) / max(1.0, np.max(np.abs(r)))
         assert err < tol, f"{name}: {err}"
+
+
+# ------------------------------------------------------------------------------------------------- models
+
+def _lm_loss_and_grads(cfg, tokens, segment_ids):
+    from flax import nnx
+
+    from mani_jax.models import HybridLM
+
+    model = HybridLM(cfg, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss_fn(params):
+        logits = nnx.merge(graphdef, params)(tokens[:, :-1], segment_ids=segment_ids[:, :-1])
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+
+    loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
+    return float(loss), jax.tree.leaves(grads)
+
+
+def test_hybrid_lm_trains_through_the_pallas_kernel():
+    """HybridLM with attention_impl="pallas" (interpret mode): same loss and parameter gradients as "xla"
+    on packed sequences (segment ids, GQA, a sliding window)."""
+    from mani_jax.models import ModelConfig
+
+    base = dict(vocab_size=61, d_model=32, n_layers=2, layer_types=("attention", "mamba"), n_heads=4,
+                n_kv_heads=2, head_dim=16, d_ff=48, mamba_n_heads=4, mamba_head_dim=16, d_state=8,
+                chunk_size=8, max_seq_len=64, initializer_range=0.3, sliding_window=9)
+    rng = np.random.default_rng(7)
+    tokens = jnp.asarray(rng.integers(0, 61, (2, 41)), jnp.int32)
+    segment_ids = jnp.asarray(random_segments(rng, 2, 41, 3))
+    loss_x, g_x = _lm_loss_and_grads(ModelConfig(**base, attention_impl="xla"), tokens, segment_ids)
+    loss_p, g_p = _lm_loss_and_grads(ModelConfig(**base, attention_impl="pallas", attention_interpret=True),
+                                     tokens, segment_ids)
+    assert abs(loss_x - loss_p) < 1e-5 * max(1.0, abs(loss_x))
+    assert len(g_x) == len(g_p)
+    for a, b in zip(g_x, g_p):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5, rtol=1e-4)
+    assert max(float(jnp.abs(a).max()) for a in g_x) > 1e-3  # the gradients are not trivially zero
+
+
+def test_attention_impl_is_validated_and_cudnn_refuses_cpu():
+    from mani_jax.models import ModelConfig
+    from mani_jax.models.attention_impls import cudnn_attention, full_sequence_attention
+
+    with pytest.raises(ValueError, match="attention_impl"):
+        ModelConfig(attention_impl="flash")
+    fn = full_sequence_attention(ModelConfig(attention_impl="pallas", attention_interpret=True))
+    assert fn.func is flash_attention and fn.keywords == {"interpret": True}
+    assert full_sequence_attention(ModelConfig()) is core.attention
+    assert full_sequence_attention(ModelConfig(attention_impl="cudnn")) is cudnn_attention
+    if not ON_GPU:
+        q = jnp.zeros((1, 8, 2, 16), jnp.bfloat16)
+        with pytest.raises(ValueError, match="needs a CUDA GPU"):
+            cudnn_attention(q, q, q, causal=True)

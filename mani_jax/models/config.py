@@ -16,6 +16,7 @@ from mani_jax.config import apply_overrides, get_preset, parse_overrides
 
 LayerType = Literal["attention", "mamba"]
 LAYER_TYPES = ("attention", "mamba")
+ATTENTION_IMPLS = ("xla", "pallas", "cudnn")
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,12 @@ class ModelConfig:
       max_seq_len: context length the model is trained for (cache size default, GGUF ``context_length``).
       initializer_range: std of the normal init of projections and embeddings.
       param_dtype: storage dtype of parameters (``"float32"`` or ``"bfloat16"``).
-      attention_impl: ``"xla"`` (the ``mani_jax.core`` reference); kernels register more by name.
+      attention_impl: attention of the full-sequence (training / uncached prefill) path, one of
+        :data:`ATTENTION_IMPLS`: ``"xla"`` (the ``mani_jax.core`` reference), ``"pallas"`` (the
+        ``kernels.flash_attention`` FlashAttention-2 kernels) or ``"cudnn"`` (``jax.nn.dot_product_attention``
+        with cuDNN; GPU only); see :mod:`mani_jax.models.attention_impls`. Cached decode always uses the
+        reference.
+      attention_interpret: run the ``"pallas"`` kernels in Pallas interpret mode (CPU tests; slow).
     """
 
     vocab_size: int = 4096
@@ -97,6 +103,7 @@ class ModelConfig:
     initializer_range: float = 0.02
     param_dtype: str = "float32"
     attention_impl: str = "xla"
+    attention_interpret: bool = False
 
     def __post_init__(self):
         def bad(field, expected):
@@ -141,6 +148,8 @@ class ModelConfig:
             bad("param_dtype", "'float32' or 'bfloat16'")
         if self.sliding_window is not None and self.sliding_window < 1:
             bad("sliding_window", "None or a positive int")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            bad("attention_impl", f"one of {ATTENTION_IMPLS}")
 
     @property
     def d_inner(self) -> int:

@@ -17,31 +17,19 @@ already in the cache (all rows of a batch advance together).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from mani_jax import core
+from mani_jax.models.attention_impls import full_sequence_attention
 from mani_jax.models.config import ModelConfig
 from mani_jax.models.quantize import weight_value
 
 Array = jax.Array
 Cache = dict[str, Any]
-
-_ATTENTION_IMPLS: dict[str, Callable[..., Array]] = {"xla": core.attention}
-
-
-def register_attention_impl(name: str, fn: Callable[..., Array]) -> None:
-    """Make ``attention_impl=name`` select ``fn`` (same signature as :func:`mani_jax.core.attention`)."""
-    _ATTENTION_IMPLS[name] = fn
-
-
-def _attention_fn(name: str) -> Callable[..., Array]:
-    if name not in _ATTENTION_IMPLS:
-        raise ValueError(f"attention_impl: unknown {name!r}; registered: {sorted(_ATTENTION_IMPLS)}")
-    return _ATTENTION_IMPLS[name]
 
 
 def _dtype(name: str):
@@ -158,11 +146,10 @@ class Attention(nnx.Module):
         if cfg.rope:
             q = core.apply_rope(q, positions, theta=cfg.rope_theta)
             k = core.apply_rope(k, positions, theta=cfg.rope_theta)
-        attn = _attention_fn(cfg.attention_impl)
         kw = dict(softmax_scale=cfg.attention_multiplier, sliding_window=cfg.sliding_window)
-        if cache is None:
-            out = attn(q, k, v, causal=True, segment_ids=segment_ids, q_positions=positions,
-                       kv_positions=positions, **kw)
+        if cache is None:  # full sequence: the configured implementation (cached paths: the reference)
+            out = full_sequence_attention(cfg)(q, k, v, causal=True, segment_ids=segment_ids,
+                                               q_positions=positions, kv_positions=positions, **kw)
             new_cache = None
         elif paged is not None:
             block_tables, lengths = paged
@@ -180,8 +167,8 @@ class Attention(nnx.Module):
             slot = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
             qslot = jnp.broadcast_to(cache_pos + jnp.arange(t, dtype=jnp.int32), (b, t))
             # Slots beyond cache_pos + t are in the future of every query, so causal masking hides them.
-            out = attn(q, ck.astype(q.dtype), cv.astype(q.dtype), causal=True, q_positions=qslot,
-                       kv_positions=slot, **kw)
+            out = core.attention(q, ck.astype(q.dtype), cv.astype(q.dtype), causal=True, q_positions=qslot,
+                                 kv_positions=slot, **kw)
             new_cache = {"k": ck, "v": cv}
         return self.o_proj(out.reshape(b, t, cfg.n_heads * cfg.head_dim)), new_cache
 
