@@ -463,3 +463,23 @@ def test_attention_impl_is_validated_and_cudnn_refuses_cpu():
         q = jnp.zeros((1, 8, 2, 16), jnp.bfloat16)
         with pytest.raises(ValueError, match="needs a CUDA GPU"):
             cudnn_attention(q, q, q, causal=True)
+
+
+# ------------------------------------------------------------------------------------------- experiment
+
+@pytest.mark.slow  # ~20 s: the plumbing of the benchmark; the kernels' correctness is covered above
+@pytest.mark.skipif(ON_GPU, reason="the GPU run times the kernels (minutes); this is the CPU smoke path")
+def test_benchmark_smoke_preset_checks_correctness_on_cpu(tmp_path):
+    import json
+
+    from experiments import flash_attention as bench
+
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        bench.main(["--preset", "quick", "--out", str(tmp_path / "refused")])
+    s = bench.main(["--preset", "smoke", "--out", str(tmp_path / "run"), "--set", "head_dims=64",
+                    "--set", "causal=true", "--set", "systems=ours,xla,pallas-mha"])
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert on_disk["timed"] is False and len(on_disk["results"]) == 3
+    for row in s["results"]:
+        assert "error" not in row, row
+        assert row["max_abs_err_fwd"] < 1e-4 and row["max_rel_err_grads"] < 1e-4
