@@ -54,18 +54,20 @@ class BlockSizes:
     def for_shape(cls, head_dim: int, dtype) -> "BlockSizes":
         """Default tiles for a head dim and dtype (see ``docs/kernels.md``, "Block sizes").
 
-        Not tuned on hardware yet: the 16-bit rows follow the shapes the Triton FlashAttention tutorial and
-        JAX's Pallas ``ops/gpu/attention.py`` use on A100/H100 (128x64 forward tiles; narrow-by-wide
-        backward tiles so the resident side is the wide one); float32 halves them (twice the bytes per
-        element in registers and shared memory).
+        Not tuned on hardware yet (no GPU was available when this was written): the 16-bit rows follow the
+        shapes the Triton FlashAttention tutorial and JAX's Pallas ``ops/gpu/attention.py`` use on A100/H100
+        (128x64 forward tiles; narrow-by-wide backward tiles so the resident side is the wide one), sized so
+        the float32 dK and dV accumulators of the resident key tile (``2 * block_kv_dkv * head_dim`` floats
+        over ``32 * num_warps_bwd`` threads) take at most 128 registers per thread; float32 inputs halve
+        every tile (twice the bytes per element).
         """
         wide = jnp.dtype(dtype).itemsize >= 4
         if head_dim <= 64:
             bs = cls(128, 64, 32, 128, 128, 32, 4, 3, 4, 3)
         elif head_dim <= 128:
-            bs = cls(128, 64, 32, 128, 128, 32, 8, 3, 8, 2)
+            bs = cls(128, 64, 32, 64, 64, 32, 8, 3, 8, 2)
         else:
-            bs = cls(64, 32, 32, 64, 64, 32, 8, 2, 8, 1)
+            bs = cls(64, 32, 16, 32, 32, 16, 8, 2, 8, 1)
         if wide:
             bs = dataclasses.replace(bs, **{f: max(_MIN_BLOCK, getattr(bs, f) // 2) for f in _BLOCK_FIELDS})
         return bs
