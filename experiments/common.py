@@ -78,22 +78,7 @@ def prepare_corpus(corpus_name: str, vocab_size: int, out: Path, cache_dir: Path
 
 
 def load_run(run_dir: Path):
-    """The trained model and tokenizer of a ``python -m experiments.chimera`` run directory
-    (``model_config.json``, ``tokenizer.model``, the latest orbax checkpoint).
+    """The trained model and tokenizer of a chimera run directory (:func:`mani_jax.serve.loading.load_run`)."""
+    from mani_jax.serve.loading import load_run as _load_run
 
-    Raises:
-      FileNotFoundError: the directory lacks ``model_config.json`` or ``tokenizer.model``.
-    """
-    from flax import nnx
-
-    from mani_jax.models import HybridLM, config_from_dict
-    from mani_jax.tokenizer import Tokenizer
-    from mani_jax.train import restore_checkpoint
-
-    run_dir = Path(run_dir)
-    for name in ("model_config.json", "tokenizer.model"):
-        if not (run_dir / name).is_file():
-            raise FileNotFoundError(f"{str(run_dir)!r}: no {name} (expected a chimera run directory)")
-    model = HybridLM(config_from_dict(json.loads((run_dir / "model_config.json").read_text())), rngs=nnx.Rngs(0))
-    restore_checkpoint(run_dir, model)
-    return model, Tokenizer.load(run_dir / "tokenizer.model")
+    return _load_run(run_dir)

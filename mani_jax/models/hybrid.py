@@ -210,8 +210,15 @@ class Mamba2Mixer(nnx.Module):
         return {"conv": jnp.zeros((batch, cfg.d_conv - 1, cfg.conv_dim), dtype),
                 "ssm": jnp.zeros((batch, cfg.mamba_n_heads, cfg.mamba_head_dim, cfg.d_state), jnp.float32)}
 
-    def __call__(self, x: Array, *, segment_ids: Array | None = None,
-                 cache: Cache | None = None) -> tuple[Array, Cache | None]:
+    def __call__(self, x: Array, *, segment_ids: Array | None = None, cache: Cache | None = None,
+                 step_states: bool = False) -> tuple[Array, Cache | None]:
+        """``x [B, T, d_model]`` -> ``(out [B, T, d_model], new cache)``.
+
+        With a ``cache`` and ``T == 1`` (decode), or with ``step_states=True``, the recurrences run token by
+        token (:func:`core.causal_conv1d_step`, :func:`core.ssd_step`); otherwise the chunked SSD. With
+        ``step_states=True`` the returned cache holds the state after **every** token, ``conv [B, T, d_conv -
+        1, conv_dim]`` and ``ssm [B, T, n_heads, head_dim, d_state]``: speculative decoding keeps the state
+        after the last accepted token."""
         cfg = self.cfg
         b, t, _ = x.shape
         nh, hp, g, n = cfg.mamba_n_heads, cfg.mamba_head_dim, cfg.n_groups, cfg.d_state
@@ -220,15 +227,26 @@ class Mamba2Mixer(nnx.Module):
         conv_b = None if self.conv_bias is None else self.conv_bias[...]
         A = -jnp.exp(self.A_log[...].astype(jnp.float32))
         D = self.D[...]
-        if cache is not None and t == 1:  # decode: single-step recurrences
-            xbc1, conv_state = core.causal_conv1d_step(cache["conv"], xbc[:, 0], self.conv_weight[...], conv_b)
-            xbc1 = jax.nn.silu(xbc1)
-            xs, B, C = jnp.split(xbc1, [cfg.d_inner, cfg.d_inner + g * n], axis=-1)
-            dt1 = core.softplus(dt[:, 0].astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))
-            y, ssm_state = core.ssd_step(cache["ssm"], xs.reshape(b, nh, hp), dt1, A, B.reshape(b, g, n),
-                                         C.reshape(b, g, n), D=D)
-            y = y.reshape(b, 1, cfg.d_inner)
-            new_cache = {"conv": conv_state.astype(cache["conv"].dtype), "ssm": ssm_state}
+        if cache is not None and (t == 1 or step_states):  # token-by-token recurrences
+            def step(carry, inp):
+                conv, ssm = carry
+                xbc_t, dt_t = inp
+                xbc1, conv = core.causal_conv1d_step(conv, xbc_t, self.conv_weight[...], conv_b)
+                xbc1 = jax.nn.silu(xbc1)
+                xs, B, C = jnp.split(xbc1, [cfg.d_inner, cfg.d_inner + g * n], axis=-1)
+                dt1 = core.softplus(dt_t.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))
+                y, ssm = core.ssd_step(ssm, xs.reshape(b, nh, hp), dt1, A, B.reshape(b, g, n),
+                                       C.reshape(b, g, n), D=D)
+                conv = conv.astype(cache["conv"].dtype)
+                return (conv, ssm), (y, conv, ssm)
+
+            _, (ys, convs, ssms) = jax.lax.scan(step, (cache["conv"], cache["ssm"]),
+                                                (xbc.swapaxes(0, 1), dt.swapaxes(0, 1)))
+            y = ys.swapaxes(0, 1).reshape(b, t, cfg.d_inner)
+            if step_states:
+                new_cache = {"conv": convs.swapaxes(0, 1), "ssm": ssms.swapaxes(0, 1)}
+            else:
+                new_cache = {"conv": convs[-1], "ssm": ssms[-1]}
         else:
             init_conv = None if cache is None else cache["conv"].astype(xbc.dtype)
             init_ssm = None if cache is None else cache["ssm"]
@@ -261,14 +279,16 @@ class Block(nnx.Module):
         self.ffn = MLP(cfg, rngs=rngs) if (cfg.n_experts == 0 or cfg.shared_mlp) else None
         self.moe = MoEFFN(cfg, rngs=rngs) if cfg.n_experts else None
 
-    def __call__(self, x, *, positions, segment_ids=None, cache=None, cache_pos=None, paged=None):
-        """Returns ``(x, new_cache, moe_aux)``; ``moe_aux`` is :class:`MoEFFN`'s aux dict, or None (dense)."""
+    def __call__(self, x, *, positions, segment_ids=None, cache=None, cache_pos=None, paged=None,
+                 step_states=False):
+        """Returns ``(x, new_cache, moe_aux)``; ``moe_aux`` is :class:`MoEFFN`'s aux dict, or None (dense).
+        ``step_states`` goes to :class:`Mamba2Mixer`."""
         h = self.mixer_norm(x)
         if self.layer_type == "attention":
             h, new_cache = self.mixer(h, positions=positions, segment_ids=segment_ids, cache=cache,
                                       cache_pos=cache_pos, paged=paged)
         else:
-            h, new_cache = self.mixer(h, segment_ids=segment_ids, cache=cache)
+            h, new_cache = self.mixer(h, segment_ids=segment_ids, cache=cache, step_states=step_states)
         x = x + self.residual_multiplier * h
         h = self.ffn_norm(x)
         aux = None
@@ -409,7 +429,7 @@ class HybridLM(nnx.Module):
                 if l.layer_type == "attention" else l.mixer.init_cache(n_slots, dtype) for l in self.layers]
 
     def forward_paged(self, tokens: Array, positions: Array, cache: list[Cache], block_tables: Array,
-                      lengths: Array, slots: Array) -> tuple[Array, list[Cache]]:
+                      lengths: Array, slots: Array, *, step_states: bool = False):
         """One engine step over a paged KV cache: logits for ``tokens`` and the updated per-layer state.
 
         Args:
@@ -420,21 +440,32 @@ class HybridLM(nnx.Module):
           block_tables: int ``[B, max_pages]``; lengths: int ``[B]`` tokens cached after this step's writes.
           slots: int ``[B]`` rows of the Mamba-2 state (distinct within a call).
 
+          step_states: also return every Mamba-2 layer's state after each of the ``T`` tokens (the layers run
+            their recurrences token by token): for speculative decoding, which keeps the state after the last
+            accepted token.
+
         Returns:
-          ``(logits float32 [B, T, vocab], new cache)``. Equals :meth:`prefill` / :meth:`decode_step` on a
-          contiguous cache holding the same tokens.
+          ``(logits float32 [B, T, vocab], new cache)``, plus with ``step_states`` a list with, per Mamba-2
+          layer (in layer order), ``{"conv": [B, T, d_conv - 1, conv_dim], "ssm": [B, T, n_heads, head_dim,
+          d_state]}``. The new cache holds the state after all ``T`` tokens. Equals :meth:`prefill` /
+          :meth:`decode_step` on a contiguous cache holding the same tokens.
         """
         self._check_tokens(tokens, 2)
         x = self._embed(tokens)
-        new = []
+        new, steps = [], []
         for layer, c in zip(self.layers, cache):
             if layer.layer_type == "attention":
                 x, nc, _ = layer(x, positions=positions, cache=c, paged=(block_tables, lengths))
             else:
                 sc = {"conv": c["conv"][slots], "ssm": c["ssm"][slots]}
-                x, nsc, _ = layer(x, positions=positions, cache=sc)
+                x, nsc, _ = layer(x, positions=positions, cache=sc, step_states=step_states)
+                if step_states:
+                    steps.append(nsc)
+                    nsc = {"conv": nsc["conv"][:, -1], "ssm": nsc["ssm"][:, -1]}
                 nc = {"conv": c["conv"].at[slots].set(nsc["conv"]), "ssm": c["ssm"].at[slots].set(nsc["ssm"])}
             new.append(nc)
+        if step_states:
+            return self._logits(x), new, steps
         return self._logits(x), new
 
     def decode_step(self, token: Array, cache: Cache) -> tuple[Array, Cache]:

@@ -1,0 +1,3 @@
+from mani_jax.serve.server import serve
+
+serve()
