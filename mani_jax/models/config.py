@@ -17,6 +17,7 @@ from mani_jax.config import apply_overrides, get_preset, parse_overrides
 LayerType = Literal["attention", "mamba"]
 LAYER_TYPES = ("attention", "mamba")
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn")
+REMAT_POLICIES = ("none", "full", "save_dots", "offload")
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,8 @@ class ModelConfig:
         with cuDNN; GPU only); see :mod:`mani_jax.models.attention_impls`. Cached decode always uses the
         reference.
       attention_interpret: run the ``"pallas"`` kernels in Pallas interpret mode (CPU tests; slow).
+      remat: gradient-checkpointing policy of the blocks in training (:mod:`mani_jax.models.remat`): one of
+        :data:`REMAT_POLICIES` for every block, or a comma-separated policy per layer (``"full,none,..."``).
     """
 
     vocab_size: int = 4096
@@ -104,6 +107,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     attention_impl: str = "xla"
     attention_interpret: bool = False
+    remat: str = "none"
 
     def __post_init__(self):
         def bad(field, expected):
@@ -150,6 +154,15 @@ class ModelConfig:
             bad("sliding_window", "None or a positive int")
         if self.attention_impl not in ATTENTION_IMPLS:
             bad("attention_impl", f"one of {ATTENTION_IMPLS}")
+        policies = self.remat.split(",")
+        if any(p not in REMAT_POLICIES for p in policies) or len(policies) not in (1, self.n_layers):
+            bad("remat", f"one of {REMAT_POLICIES}, or a comma-separated list of {self.n_layers} of them")
+
+    @property
+    def remat_policies(self) -> tuple[str, ...]:
+        """The remat policy of each layer (``remat`` expanded to ``n_layers`` entries)."""
+        policies = tuple(self.remat.split(","))
+        return policies * self.n_layers if len(policies) == 1 else policies
 
     @property
     def d_inner(self) -> int:
