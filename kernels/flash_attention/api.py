@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -169,8 +170,10 @@ def flash_attention(
     _check_int_array("kv_segment_ids", kv_segment_ids, (b, s))
     _check_int_array("q_positions", q_positions, (b, t))
     _check_int_array("kv_positions", kv_positions, (b, s))
-    if sliding_window is not None and (not isinstance(sliding_window, int) or isinstance(sliding_window, bool)):
-        raise ValueError(f"sliding_window: expected None or a positive int, got {sliding_window!r}")
+    if sliding_window is not None:
+        if isinstance(sliding_window, bool) or not isinstance(sliding_window, numbers.Integral):
+            raise ValueError(f"sliding_window: expected None or a positive int, got {sliding_window!r}")
+        sliding_window = int(sliding_window)  # static (part of the kernels' configuration)
     if block_sizes is not None and (block_q is not None or block_kv is not None):
         raise ValueError("block_sizes: give either block_sizes or block_q/block_kv, not both")
     if block_sizes is None:
