@@ -12,7 +12,11 @@ It measures the acceptance rate ``a``, tokens per target call, tokens/s and the 
 and the cost ratio ``c`` = (draft decode step time) / (target decode step time), from which Leviathan et
 al.'s expected speed-up ``(1 - a^(g+1)) / ((1 - a)(g c + 1))`` is computed for comparison. An
 input-grounded workload (the prompt contains a passage and then starts repeating it) shows what prompt
-lookup can do when the continuation is in the context. Writes ``results.json`` and ``speculative.png``.
+lookup can do when the continuation is in the context. The engine rows decode all prompts together
+(continuous batching) without a draft, with the draft and with prompt lookup. Part (b)
+(:func:`mission_scale_costs`) times Qwen2.5-0.5B- and 3B-shaped random models on this CPU for the cost ratio
+``c`` and the verify-pass cost, and predicts the speed-up over a grid of acceptance rates. Writes
+``results.json`` and ``speculative.png``.
 Greedy outputs are checked token for token against target-only decoding.
 """
 
@@ -41,12 +45,99 @@ class SpecBenchConfig:
     temperature: float = 0.8
     n_gram: int = 3
     seed: int = 0
+    engine_gamma: int = 4  # the engine rows (continuous batching over all prompts at once)
+    mission_scale: bool = True  # part (b): Qwen2.5-0.5B / 3B-shaped random models, cost ratio on this CPU
+    mission_steps: int = 5
 
 
 PRESETS = {
-    "smoke": SpecBenchConfig(n_prompts=2, prompt_tokens=16, max_new_tokens=12, gammas=(2,)),
+    "smoke": SpecBenchConfig(n_prompts=2, prompt_tokens=16, max_new_tokens=12, gammas=(2,), engine_gamma=2,
+                             mission_scale=False),
     "default": SpecBenchConfig(),
 }
+
+#: config.json fields of Qwen/Qwen2.5-0.5B and Qwen/Qwen2.5-3B (the mission's draft / verifier pair).
+QWEN25 = {
+    "0.5B": {"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+             "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936, "rope_theta": 1000000.0,
+             "rms_norm_eps": 1e-6, "tie_word_embeddings": True},
+    "3B": {"model_type": "qwen2", "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+           "num_attention_heads": 16, "num_key_value_heads": 2, "vocab_size": 151936, "rope_theta": 1000000.0,
+           "rms_norm_eps": 1e-6, "tie_word_embeddings": True},
+}
+
+
+def _verify_time(model, n_tokens: int, context: int = 128, n: int = 5) -> float:
+    """Median seconds of one jitted cached forward of ``n_tokens`` tokens after ``context`` cached ones
+    (what a verification pass of gamma + 1 tokens costs)."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    g, s = nnx.split(model)
+
+    @functools.partial(jax.jit, donate_argnums=1)
+    def fwd(state, cache, tokens):
+        return nnx.merge(g, state).prefill(tokens, cache)
+
+    times = []
+    for i in range(n + 1):
+        cache = model.init_cache(1, context + n_tokens)
+        _, cache = fwd(s, cache, jnp.zeros((1, context), jnp.int32)) if context else (None, cache)
+        t0 = time.perf_counter()
+        logits, cache = fwd(s, cache, jnp.zeros((1, n_tokens), jnp.int32))
+        jax.block_until_ready(logits)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def mission_scale_costs(cfg: SpecBenchConfig, gammas=(1, 2, 4, 8), accept_rates=(0.3, 0.5, 0.7, 0.9)) -> dict:
+    """Part (b): the cost side at the mission's scale. Qwen2.5-0.5B- and 3B-shaped models with random bf16
+    weights (compute cost does not depend on the values) are timed on this CPU: one decode step of each
+    (``c`` = draft step / target step), and the target's cached forward over gamma + 1 tokens (the verify
+    pass, which on a CPU is not free as the formula assumes). Predicted speed-ups: Leviathan's
+    ``(1 - a^(g+1)) / ((1 - a)(g c + 1))`` and the same expected tokens over the measured round cost
+    ``g * t_draft + t_verify(g + 1)``, for a grid of acceptance rates."""
+    import gc
+
+    import jax
+    from flax import nnx
+
+    from mani_jax.models import HybridLM, count_params
+    from mani_jax.models.hf import config_from_hf
+
+    out = {"models": {}, "step_seconds": {}, "verify_seconds": {}}
+    for name, hf in QWEN25.items():
+        mcfg = dataclasses.replace(config_from_hf(hf, max_seq_len=256), param_dtype="bfloat16")
+        print(f"  building a random Qwen2.5-{name}-shaped model ({count_params(mcfg) / 1e9:.2f}B params, bf16)",
+              flush=True)
+        model = HybridLM(mcfg, rngs=nnx.Rngs(0))
+        out["models"][name] = {"params": count_params(mcfg), "d_model": mcfg.d_model, "n_layers": mcfg.n_layers}
+        out["step_seconds"][name] = _step_time(model, n=cfg.mission_steps)
+        print(f"    decode step {out['step_seconds'][name] * 1e3:.0f} ms", flush=True)
+        if name == "3B":
+            for g in gammas:
+                out["verify_seconds"][g] = _verify_time(model, g + 1, n=max(2, cfg.mission_steps // 2))
+                print(f"    verify pass of {g + 1} tokens {out['verify_seconds'][g] * 1e3:.0f} ms", flush=True)
+        del model
+        gc.collect()
+        jax.clear_caches()
+    t_d, t_t = out["step_seconds"]["0.5B"], out["step_seconds"]["3B"]
+    c = t_d / t_t
+    out["cost_ratio_c"] = c
+    out["predicted"] = []
+    for a in accept_rates:
+        for g in gammas:
+            tokens = (1 - a ** (g + 1)) / (1 - a)
+            out["predicted"].append({"acceptance_rate": a, "gamma": g, "formula_speedup": expected_speedup(a, g, c),
+                                     "measured_cost_speedup": tokens * t_t / (g * t_d + out["verify_seconds"][g])})
+    best = max(out["predicted"], key=lambda r: r["measured_cost_speedup"])
+    print(f"  c = {c:.3f}; best predicted with measured costs: {best['measured_cost_speedup']:.2f}x at "
+          f"a={best['acceptance_rate']}, g={best['gamma']}", flush=True)
+    return out
 
 
 def _step_time(model, n: int = 20) -> float:
@@ -145,7 +236,37 @@ def run(cfg: SpecBenchConfig, out: Path, *, preset: str, target_dir: Path | None
                       f"{row['tokens_per_target_call']:.2f} speed-up {row['speedup']:.2f}x"
                       + (f" (predicted {row['predicted_speedup']:.2f}x)" if "predicted_speedup" in row else "")
                       + (f" greedy equal: {row['greedy_equal']}" if temp == 0 else ""), flush=True)
-    summary = {"preset": preset, "config": dataclasses.asdict(cfg), "target": str(target_dir),
+    # The engine: every prompt at once (continuous batching), target only vs draft vs prompt lookup.
+    from mani_jax.inference.engine import Engine, SamplingParams
+
+    for temp in (0.0, cfg.temperature):
+        base_tps = None
+        for name, d in (("engine", None), ("engine + draft", draft), ("engine + prompt lookup", "ngram")):
+            if name == "engine + draft" and draft is None:
+                continue
+            eng = Engine(target, max_batch=len(prompts), page_size=16, prefill_budget=64, draft=d,
+                         gamma=cfg.engine_gamma, max_seq_len=n + m + 16)
+            eng.warmup()
+            sps = [SamplingParams(temperature=temp, seed=i, max_new_tokens=m) for i in range(len(prompts))]
+            eng.generate(prompts, sps)  # untimed: compile the remaining programs
+            eng.reset()
+            t0 = time.perf_counter()
+            outs = eng.generate(prompts, sps)
+            tps = sum(len(o) for o in outs) / (time.perf_counter() - t0)
+            base_tps = base_tps or tps
+            row = {"workload": "held-out", "temperature": temp, "system": name,
+                   "gamma": cfg.engine_gamma if d is not None else 0, "tokens_per_second": tps,
+                   "speedup": tps / base_tps, "acceptance_rate": eng.acceptance_rate if d is not None else None,
+                   "batch": len(prompts)}
+            if temp == 0:
+                row["greedy_equal"] = outs == [list(map(int, r)) for r in
+                                               [generate(target, p, m, temperature=0.0) for p in prompts]]
+            results.append(row)
+            print(f"  held-out        T={temp:<4} {name:<22} batch {len(prompts)} {tps:7.1f} tok/s "
+                  f"speed-up {row['speedup']:.2f}x" + (f" a={row['acceptance_rate']:.3f}" if d is not None else "")
+                  + (f" greedy equal: {row['greedy_equal']}" if temp == 0 else ""), flush=True)
+    mission = mission_scale_costs(cfg) if cfg.mission_scale else None
+    summary = {"preset": preset, "config": dataclasses.asdict(cfg), "target": str(target_dir), "mission_scale": mission,
                "draft": str(draft_dir), "target_params": count_params(target.config),
                "draft_params": count_params(draft.config) if draft else None,
                "cost_ratio_c": c, "results": results, "device": str(jax.devices()[0]),
@@ -160,7 +281,7 @@ def _plot(s, out: Path) -> str:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    rows = [r for r in s["results"] if r["system"] != "target only"]
+    rows = [r for r in s["results"] if r["system"] not in ("target only", "engine")]
     fig, ax = plt.subplots(figsize=(10, 4))
     labels = [f"{r['workload']}\nT={r['temperature']} {r['system']} g={r['gamma']}" for r in rows]
     ax.bar(range(len(rows)), [r["speedup"] for r in rows])

@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import sys
 import uuid
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -220,10 +221,17 @@ def train_tokenizer(
     spm.set_random_generator_seed(int(seed))
     try:
         with open(os.devnull, "w") as devnull:
+            # sentencepiece redirects the C++ log by dup'ing sys.stderr's file descriptor; Jupyter's stderr
+            # has none (io.UnsupportedOperation), so there the log is left alone (minloglevel keeps it quiet).
+            try:
+                sys.stderr.fileno()
+                log = {"logstream": devnull}
+            except (AttributeError, OSError):
+                log = {}
             spm.SentencePieceTrainer.train(
                 sentence_iterator=iter(sample),
                 model_writer=buf,
-                logstream=devnull,
+                **log,
                 model_type="bpe",
                 vocab_size=vocab_size,
                 character_coverage=float(character_coverage),
