@@ -143,7 +143,8 @@ def ssd_chunked(
 
     # 3. Recurrence over chunks: S_c = exp(sum a over chunk c) * S_{c-1} + chunk_states_c.
     chunk_decay = jnp.exp(a_cs[..., -1])  # [b, c, h]
-    s0 = jnp.zeros((b, h, p, n), f32) if initial_state is None else initial_state.astype(f32)
+    # zeros_like (not zeros) so that under shard_map the carry varies over the same mesh axes as the inputs.
+    s0 = jnp.zeros_like(chunk_states[:, 0], f32) if initial_state is None else initial_state.astype(f32)
     if seg is not None:
         state_seg0 = seg[:, 0, 0]
         end_seg = seg[:, :, -1]  # [b, c]

@@ -128,14 +128,17 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(_decays, params)
 
 
-def make_tx(cfg: OptimConfig) -> optax.GradientTransformation:
-    """``optax.chain(clip_by_global_norm, adamw(schedule, mask=decay_mask))`` for ``cfg``."""
+def make_tx(cfg: OptimConfig, mask: Any = decay_mask) -> optax.GradientTransformation:
+    """``optax.chain(clip_by_global_norm, adamw(schedule, mask=mask))`` for ``cfg``.
+
+    ``mask``: the weight-decay mask (a pytree of bools or a function of the parameters), default
+    :func:`decay_mask`; pipeline-stacked parameters pass one computed on the unstacked shapes."""
     parts = []
     if cfg.grad_clip_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
     parts.append(optax.adamw(
         make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-        weight_decay=cfg.weight_decay, mask=decay_mask))
+        weight_decay=cfg.weight_decay, mask=mask))
     return optax.chain(*parts)
 
 

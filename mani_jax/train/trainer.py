@@ -164,8 +164,11 @@ def _forward_loss(model: nnx.Module, batch: dict[str, jax.Array], dtype: Any):
 
 
 def make_train_step(graphdef: nnx.GraphDef, schedule: optax.Schedule,
-                    compute_dtype: str = "float32") -> Callable:
+                    compute_dtype: str = "float32", grad_transform: Callable | None = None) -> Callable:
     """The jitted train step for the split pair ``graphdef, state = nnx.split((model, optimizer))``.
+
+    ``grad_transform``: optional ``grads -> grads`` applied before the optimizer update (e.g. a sharding
+    constraint: :mod:`mani_jax.parallel` uses it for ZeRO-1's reduce-scatter of the gradients).
 
     Returns:
       ``step(state, batch) -> (new_state, metrics)``; ``state`` is donated (do not reuse it). ``batch``
@@ -183,6 +186,8 @@ def make_train_step(graphdef: nnx.GraphDef, schedule: optax.Schedule,
         lr = schedule(optimizer.step[...])
         (_, info), grads = nnx.value_and_grad(
             lambda m: _forward_loss(m, batch, dtype), has_aux=True)(model)
+        if grad_transform is not None:
+            grads = grad_transform(grads)
         optimizer.update(model, grads)
         metrics = {**info, "grad_norm": optax.tree.norm(grads), "lr": jnp.asarray(lr, jnp.float32)}
         return nnx.state((model, optimizer)), metrics
