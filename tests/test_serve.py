@@ -277,3 +277,27 @@ def test_codec_rejects_bad_messages(server):
     with pytest.raises(ValueError):
         codec.encode_chat([{"role": "wizard", "content": "x"}])
     assert json.loads(json.dumps(codec.eos_ids)) == list(codec.eos_ids)
+
+
+def test_hugging_face_qwen2_directory_serves_chat(tmp_path):
+    """``load_model`` on a Qwen2 directory (the tiny golden checkpoint plus a Qwen2-style byte-level tokenizer):
+    chat prompts go through its ChatML template, generation stops at ``<|im_end|>``, and the text codec
+    detokenizes byte-level BPE."""
+    from mani_jax.inference.engine import Engine, SamplingParams
+    from mani_jax.serve import load_model
+    from test_hf_tokenizer import _golden_dir
+
+    model, tok, kind = load_model(_golden_dir(tmp_path, tokenizer_vocab=120, full_alphabet=False))
+    assert kind == "hf"
+    codec = TextCodec(tok)
+    msgs = [{"role": "user", "content": "What is two plus two?"}]
+    ids = codec.encode_chat(msgs)
+    assert codec.decode(ids).endswith("What is two plus two?\nassistant\n")  # specials skipped
+    assert set(codec.eos_ids) == {tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")}
+    out = Engine(model, max_batch=1, page_size=8, prefill_budget=32).generate(
+        [ids], SamplingParams(max_new_tokens=6, stop_token_ids=codec.eos_ids))[0]
+    ref = [int(t) for t in generate(model, ids, 6, temperature=0.0)]
+    assert out == ref[:len(out)]
+    s = TextStream(codec, context=ids)
+    assert "".join(s.push(t) for t in out if t not in codec.eos_ids) + s.flush() == codec.decode(
+        [t for t in out if t not in codec.eos_ids])
