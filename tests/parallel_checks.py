@@ -96,7 +96,8 @@ def run_annotation(cfg, data, mesh_kw, zero1=False):
         state, m = compiled(state, shard_batch(b, mesh))
         losses.append(float(m["loss"]))
     model_state, opt_state = state[0], state[1]
-    out = {"losses": losses, "collectives": collective_stats(compiled.as_text())["ops"],
+    stats = collective_stats(compiled.as_text())
+    out = {"losses": losses, "collectives": stats["ops"], "wire_bytes": stats["total_wire_bytes"],
            "param_specs": specs(model_state), "opt_specs": specs(opt_state)}
     nnx.update((model, opt), state)
     out["params"] = params_of(model)
@@ -119,7 +120,8 @@ def group_annotation() -> dict:
         out = run_annotation(cfg, data, kw, z)
         res[name] = {"losses": out["losses"], "loss_diff": max(abs(a - b) for a, b in zip(out["losses"], ref_losses)),
                      "param_diff": max_diff(out["params"], ref_params), "collectives": out["collectives"],
-                     "param_specs": out["param_specs"], "opt_specs": out["opt_specs"], "shards": out["shards"]}
+                     "param_specs": out["param_specs"], "opt_specs": out["opt_specs"], "shards": out["shards"],
+                     "wire_bytes": out["wire_bytes"]}
     # Tensor parallel with the collectives written out (shard_map), same mesh as "tp".
     mesh = make_mesh(data=4, tensor=2)
     model = HybridLM(cfg, rngs=nnx.Rngs(0))

@@ -114,8 +114,19 @@ def test_indivisible_dimension_names_the_array():
         spec_for(("embed", "ssm_in"), (128, 58), mesh(tensor=4), where="layers/0/mixer/in_proj/kernel")
 
 
+def test_activation_hint_is_a_no_op_outside_a_parallel_step():
+    from mani_jax.models.sharding import constrain
+
+    x = jnp.ones((2, 3, 4))
+    assert constrain(x, ("batch", "act_seq", "act_embed")) is x
+    jaxpr = jax.make_jaxpr(lambda t: HybridLM(get_config("smoke", {"n_layers": 1, "layer_types": "attention"}),
+                                              rngs=nnx.Rngs(0))(t))(jnp.zeros((1, 4), jnp.int32))
+    assert "sharding_constraint" not in str(jaxpr)
+
+
 def test_mesh_config_validates_and_fills():
     assert MeshConfig(tensor=2, pipeline=2).sizes(8)["data"] == 2
+    assert MeshConfig(fsdp=-1).sizes(8) == {"pipeline": 1, "data": 1, "fsdp": 8, "expert": 1, "tensor": 1}
     with pytest.raises(ValueError, match="at most one axis may be -1"):
         MeshConfig(data=-1, fsdp=-1)
     with pytest.raises(ValueError, match="MeshConfig.tensor"):
@@ -267,6 +278,9 @@ def test_dp_fsdp_zero1_tp_equal_single_device_and_shard_as_claimed():
     assert r["fsdp"]["param_specs"]["layers/0/mixer/in_proj/kernel"] == "P('fsdp',)"
     assert r["fsdp"]["shards"] == {"embed": [[128, 4]], "mu_embed": [[128, 4]], "in_proj": [[4, 164]]}
     assert r["fsdp"]["collectives"].get("all-gather", 0) > 0
+    # With the residual stream constrained to batch-split (models/sharding.py), FSDP moves weights, not
+    # activations: about 1.5x DP's bytes in theory (without the constraint GSPMD's choice was ~10x).
+    assert r["fsdp"]["wire_bytes"] < 3 * r["dp"]["wire_bytes"], (r["fsdp"]["wire_bytes"], r["dp"]["wire_bytes"])
     # ZeRO-1: parameters whole, Adam moments split over data.
     assert r["zero1"]["shards"] == {"embed": [[128, 32]], "mu_embed": [[128, 4]], "in_proj": [[32, 164]]}
     assert r["zero1"]["opt_specs"]["opt_state/1/0/mu/layers/1/mixer/q_proj/kernel"] == "P('data',)"
@@ -309,3 +323,44 @@ def test_expert_parallel_all_to_all_equals_unsharded_moe():
     assert r["collectives"]["all-to-all"] == 2
     assert r["model"]["loss_diff"] < TOL and r["model"]["param_diff"] < TOL
     assert r["model"]["w_gate_spec"] == "P('expert',)"
+
+
+# ------------------------------------------------------------------------------ experiment and processes
+def _experiment(args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    env.pop("XLA_FLAGS", None)  # the experiment asks for its own device count
+    p = subprocess.run([sys.executable, "-m", "experiments.parallelism", *args], capture_output=True, text=True,
+                       env=env, timeout=timeout, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return p
+
+
+@pytest.mark.slow
+def test_experiment_smoke_writes_table_and_figure(tmp_path):
+    _experiment(["--preset", "smoke", "--set", "layouts=single,fsdp,dp4_pp2_1f1b", "--set", "steps=1",
+                 "--out", str(tmp_path)])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    rows = {r["layout"]: r for r in summary["rows"]}
+    assert set(rows) == {"single", "fsdp", "dp4_pp2_1f1b"} and summary["devices"] == 8
+    assert rows["fsdp"]["max_loss_diff_vs_single"] < TOL and rows["dp4_pp2_1f1b"]["max_loss_diff_vs_single"] < TOL
+    # FSDP holds ~1/8 of the parameters and Adam state per device (norm scales stay whole); it all-gathers weights.
+    assert rows["fsdp"]["param_bytes"] < rows["single"]["param_bytes"] / 6
+    assert rows["fsdp"]["opt_bytes"] < rows["single"]["opt_bytes"] / 6
+    assert rows["fsdp"]["collectives"]["ops"].get("all-gather", 0) > 0
+    assert rows["dp4_pp2_1f1b"]["collectives"]["ops"].get("collective-permute", 0) > 0
+    assert rows["single"]["collectives"]["total_bytes"] == 0
+    assert all(r["memory"]["temp"] > 0 for r in rows.values())
+    assert (tmp_path / "parallelism_smoke.png").stat().st_size > 0
+    assert summary["conclusions"]
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(tmp_path):
+    """2 processes x 4 CPU devices (jax.distributed, coordinator on 127.0.0.1) = 1 process x 8 devices."""
+    _experiment(["--preset", "smoke", "--processes", "2", "--layout", "fsdp", "--set", "steps=1",
+                 "--out", str(tmp_path)])
+    r = json.loads((tmp_path / "multiprocess.json").read_text())
+    two = r["runs"]["2"]
+    assert two["process_count"] == 2 and two["local_devices"] == 4 and two["global_devices"] == 8
+    assert r["runs"]["1"]["process_count"] == 1 and r["runs"]["1"]["local_devices"] == 8
+    assert len(r["losses_2proc"]) == 2 and r["max_abs_diff"] < 1e-5, r

@@ -28,6 +28,7 @@ from mani_jax.models.attention_impls import full_sequence_attention
 from mani_jax.models.config import ModelConfig
 from mani_jax.models.quantize import weight_value
 from mani_jax.models.remat import remat_call
+from mani_jax.models.sharding import constrain
 
 Array = jax.Array
 Cache = dict[str, Any]
@@ -375,8 +376,11 @@ class HybridLM(nnx.Module):
             positions = (core.positions_from_segments(segment_ids) if segment_ids is not None else
                          jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
         auxes = []
+        residual = ("batch", "act_seq", "act_embed")  # sharding hint, a no-op outside mani_jax.parallel
+        x = constrain(x, residual)
         for layer, policy in zip(self.layers, self.config.remat_policies):  # remat: config.remat per block
             x, _, aux = remat_call(layer, policy, x, positions=positions, segment_ids=segment_ids)
+            x = constrain(x, residual)
             if aux is not None:
                 auxes.append(aux)
         logits = self._logits(x)

@@ -14,6 +14,8 @@ Two tables, read top to bottom:
 logical axis        mesh axes                 dimensions it names
 ==================  ========================  =================================================================
 ``batch``           data, fsdp, expert        batch of activations and of the input batch
+``act_seq``,        --                        sequence and d_model of the residual stream (replicated: the
+``act_embed``                                 Megatron layout; FSDP gathers weights, not activations)
 ``vocab``           tensor                    embedding rows, lm_head columns (vocab-parallel)
 ``embed``           fsdp                      the d_model side of every weight matrix (FSDP / ZeRO-3)
 ``q_heads``         tensor                    q_proj columns, o_proj rows (Megatron column / row)
@@ -95,6 +97,8 @@ PARAM_AXES: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
 #: logical axis -> mesh axes (a name, a tuple of names, or None = replicated).
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("batch",       ("data", "fsdp", "expert")),
+    ("act_seq",     None),
+    ("act_embed",   None),
     ("vocab",       "tensor"),
     ("embed",       "fsdp"),
     ("q_heads",     "tensor"),
