@@ -39,19 +39,23 @@ class MeshConfig:
 
     Attributes:
       data, fsdp, tensor, pipeline, expert: axis sizes (positive ints). At most one of them may be ``-1``,
-        meaning "all the devices the others leave".
+        meaning "all the devices the others leave". ``data`` defaults to ``-1`` unless another axis is
+        ``-1`` (then to 1).
 
     Examples: ``MeshConfig(data=8)`` is pure data parallelism on 8 devices; ``MeshConfig(fsdp=-1)`` FSDP
     over every device; ``MeshConfig(data=2, tensor=2, pipeline=2)`` DP x TP x PP on 8.
     """
 
-    data: int = -1
+    data: int | None = None
     fsdp: int = 1
     tensor: int = 1
     pipeline: int = 1
     expert: int = 1
 
     def __post_init__(self):
+        if self.data is None:
+            others = any(getattr(self, a) == -1 for a in AXES if a != "data")
+            object.__setattr__(self, "data", 1 if others else -1)
         fills = [a for a in AXES if getattr(self, a) == -1]
         for a in AXES:
             v = getattr(self, a)
