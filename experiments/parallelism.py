@@ -236,25 +236,29 @@ def conclusions(rows: list[dict]) -> list[str]:
         return r["collectives"]["total_wire_bytes"]
 
     for model, rs in by_model.items():
-        dp = rs.get("dp")
+        base = "dp" if "dp" in rs else "single"  # the reference: data parallel, else one device
+        dp = rs.get(base)
         if dp is None:
             continue
+        ref_name = {"dp": "DP", "single": "one device"}[base]
         for name, what in (("fsdp", "FSDP (ZeRO-3)"), ("zero1", "ZeRO-1"), ("dp4_tp2", "DP4 x TP2"),
                            ("dp4_pp2_gpipe", "DP4 x PP2"), ("dp2_tp2_pp2", "DP2 x TP2 x PP2"),
                            ("fsdp4_tp2", "FSDP4 x TP2")):
             r = rs.get(name)
-            if r is None or not wire(dp):
+            if r is None:
                 continue
+            traffic = (f"moves {wire(r) / wire(dp):.2f}x {ref_name}'s collective bytes per step ({wire(r) / 2**20:.1f} "
+                       f"vs {wire(dp) / 2**20:.1f} MiB)" if wire(dp) else
+                       f"moves {wire(r) / 2**20:.1f} MiB of collectives per step")
             out.append(f"{model}: {what} holds {state(dp) / max(state(r), 1):.1f}x less parameter+optimizer state "
-                       f"per device than DP ({state(r) / 2**20:.1f} vs {state(dp) / 2**20:.1f} MiB) and moves "
-                       f"{wire(r) / wire(dp):.2f}x DP's collective bytes per step ({wire(r) / 2**20:.1f} vs "
-                       f"{wire(dp) / 2**20:.1f} MiB); peak memory estimate {r['memory'].get('peak_estimate', 0) / 2**20:.1f}"
+                       f"per device than {ref_name} ({state(r) / 2**20:.1f} vs {state(dp) / 2**20:.1f} MiB) and "
+                       f"{traffic}; peak memory estimate {r['memory'].get('peak_estimate', 0) / 2**20:.1f}"
                        f" vs {dp['memory'].get('peak_estimate', 0) / 2**20:.1f} MiB.")
         pp = [rs[n] for n in ("dp4_pp2_gpipe", "dp4_pp2_1f1b") if n in rs and "step_seconds" in rs[n]]
         if len(pp) == 2:
-            out.append(f"{model}: 1F1B vs GPipe at the same mesh: temporaries {pp[1]['memory'].get('temp', 0) / 2**20:.1f}"
-                       f" vs {pp[0]['memory'].get('temp', 0) / 2**20:.1f} MiB per device (1F1B keeps p - s microbatch "
-                       "inputs, GPipe all m microbatches' residuals).")
+            t1, t0 = (r["memory"].get("temp", 0) / 2**20 for r in (pp[1], pp[0]))
+            out.append(f"{model}: 1F1B vs GPipe at the same mesh: temporaries {t1:.1f} vs {t0:.1f} MiB per device "
+                       "(1F1B keeps p - s microbatch inputs, GPipe all m microbatches' residuals).")
     return out
 
 

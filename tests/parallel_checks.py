@@ -122,6 +122,20 @@ def group_annotation() -> dict:
                      "param_diff": max_diff(out["params"], ref_params), "collectives": out["collectives"],
                      "param_specs": out["param_specs"], "opt_specs": out["opt_specs"], "shards": out["shards"],
                      "wire_bytes": out["wire_bytes"]}
+    # The trainer's own loop (logging, orbax checkpoint of sharded arrays) on the FSDP mesh.
+    import tempfile
+
+    from mani_jax.parallel import sharded_step_factory
+    from mani_jax.train import TrainConfig, train
+
+    model = HybridLM(cfg, rngs=nnx.Rngs(0))
+    tc = TrainConfig(steps=STEPS, batch_size=8, seq_len=16, learning_rate=1e-2, warmup_steps=1, lr_decay_steps=10,
+                     log_every=1, checkpoint_every=STEPS, progress=False)
+    with tempfile.TemporaryDirectory() as d:
+        summary = train(model, tc, iter(data), out_dir=d, step_factory=sharded_step_factory(make_mesh(data=2, fsdp=4)))
+    res["train_loop_fsdp"] = {"loss_diff": max(abs(l - r) for (_, l), r in zip(summary["losses"], ref_losses)),
+                              "param_diff": max_diff(params_of(model), ref_params),
+                              "embed_spec": str(model.embed.embedding[...].sharding.spec)}
     # Tensor parallel with the collectives written out (shard_map), same mesh as "tp".
     mesh = make_mesh(data=4, tensor=2)
     model = HybridLM(cfg, rngs=nnx.Rngs(0))

@@ -285,6 +285,9 @@ def test_dp_fsdp_zero1_tp_equal_single_device_and_shard_as_claimed():
     assert r["zero1"]["shards"] == {"embed": [[128, 32]], "mu_embed": [[128, 4]], "in_proj": [[32, 164]]}
     assert r["zero1"]["opt_specs"]["opt_state/1/0/mu/layers/1/mixer/q_proj/kernel"] == "P('data',)"
     assert r["zero1"]["param_specs"]["layers/1/mixer/q_proj/kernel"] == "P()"
+    # mani_jax.train.train with the sharded step factory: same losses, checkpoint written, model left sharded.
+    loop = r["train_loop_fsdp"]
+    assert loop["loss_diff"] < TOL and loop["param_diff"] < TOL and loop["embed_spec"] == "P(None, 'fsdp')", loop
     # TP by annotation: column / row / vocab splits.
     ps = r["tp"]["param_specs"]
     assert ps["layers/1/mixer/q_proj/kernel"] == "P(None, 'tensor')" and ps["layers/1/mixer/o_proj/kernel"] == \

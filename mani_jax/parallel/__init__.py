@@ -27,7 +27,7 @@ from mani_jax.parallel.pipeline import (bubble_fraction, make_pipeline_train_ste
 from mani_jax.parallel.rules import (LOGICAL_RULES, PARAM_AXES, ZERO1_OPT_RULES, batch_sharding, check_model_config,
                                      describe_shardings, logical_axes, model_shardings, shard_model,
                                      shard_train_state, spec_for, tree_shardings, with_rules)
-from mani_jax.parallel.step import make_sharded_train_step, shard_batch
+from mani_jax.parallel.step import make_sharded_train_step, shard_batch, sharded_step_factory
 from mani_jax.parallel.tensor import (from_tp_layout, make_tp_loss, make_tp_train_step, tp_logits, to_tp_layout,
                                       vocab_parallel_cross_entropy)
 
@@ -37,6 +37,7 @@ __all__ = [
     "from_tp_layout", "initialize_distributed", "logical_axes", "make_mesh", "make_pipeline_train_step",
     "make_sharded_train_step", "make_tp_loss", "make_tp_train_step", "memory_stats", "merge_stages",
     "model_shardings", "peak_in_flight", "pipeline_loss", "schedule_table", "shard_batch", "shard_model",
-    "shard_train_state", "spec_for", "split_stages", "to_tp_layout", "tp_logits", "tree_shardings",
+    "shard_train_state", "sharded_step_factory", "spec_for", "split_stages", "to_tp_layout", "tp_logits",
+    "tree_shardings",
     "vocab_parallel_cross_entropy", "with_rules",
 ]

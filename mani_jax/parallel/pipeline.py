@@ -49,7 +49,8 @@ from mani_jax.parallel.rules import LOGICAL_RULES, Rules, batch_sharding, check_
     tree_shardings
 from mani_jax.train.optim import OptimConfig, decay_mask, make_tx
 
-__all__ = ["Schedule", "schedule_table", "bubble_fraction", "peak_in_flight", "split_stages", "merge_stages", "pipeline_loss",
+__all__ = ["Schedule", "schedule_table", "bubble_fraction", "peak_in_flight", "split_stages", "merge_stages",
+           "pipeline_loss",
            "make_pipeline_train_step"]
 
 Schedule = Literal["gpipe", "1f1b"]

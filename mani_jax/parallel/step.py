@@ -42,7 +42,7 @@ from mani_jax.parallel.rules import LOGICAL_RULES, Rules, batch_sharding, shard_
     tree_shardings, with_rules, _add_axis
 from mani_jax.train.trainer import BATCH_KEYS, make_train_step
 
-__all__ = ["make_sharded_train_step", "shard_batch"]
+__all__ = ["make_sharded_train_step", "shard_batch", "sharded_step_factory"]
 
 
 def shard_batch(batch: dict[str, Any], mesh: Mesh, keys=BATCH_KEYS) -> dict[str, jax.Array]:
@@ -112,6 +112,20 @@ def make_sharded_train_step(model: nnx.Module, optimizer: nnx.Optimizer, mesh: M
         with activation_sharding(mesh, lambda names, shape: spec_for(names, shape, mesh, rules, where="activation")):
             return inner(state, batch)
 
-    step = jax.jit(traced, in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, NamedSharding(mesh, P())),
+    step = jax.jit(traced, in_shardings=(shardings, batch_sharding(mesh)),
+                   out_shardings=(shardings, NamedSharding(mesh, P())),
                    donate_argnums=0)
     return step, state, shardings
+
+
+def sharded_step_factory(mesh: Mesh, *, rules: Rules = LOGICAL_RULES, zero1: bool = False) -> Callable:
+    """A ``step_factory`` for :func:`mani_jax.train.train`: the loop (logging, evaluation, orbax checkpoints,
+    exact resume) then runs :func:`make_sharded_train_step` on ``mesh`` (single process: host batches are
+    placed by the step's ``in_shardings``)."""
+
+    def factory(model, optimizer, schedule, compute_dtype):
+        step, state, _ = make_sharded_train_step(model, optimizer, mesh, schedule, compute_dtype=compute_dtype,
+                                                 rules=rules, zero1=zero1)
+        return step, state
+
+    return factory

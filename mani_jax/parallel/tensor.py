@@ -8,9 +8,9 @@ and to the unsharded model.
 
 The splits (Shoeybi et al. 2019, "Megatron-LM", Sec. 3, Fig. 3; ``t`` = tensor rank, ``P`` = ranks):
 
-* **attention** (the configured ``attention_impl`` on local heads): ``q/k/v_proj`` column-parallel (rank ``t`` owns query heads ``[t H/P, (t+1) H/P)`` and
-  KV heads ``[t K/P, (t+1) K/P)``, which are exactly the KV heads those query heads read under GQA);
-  attention runs on local heads; ``o_proj`` row-parallel, then ``psum`` over ``tensor``.
+* **attention** (the configured ``attention_impl`` on local heads): ``q/k/v_proj`` column-parallel (rank
+  ``t`` owns query heads ``[t H/P, (t+1) H/P)`` and KV heads ``[t K/P, (t+1) K/P)``, which are exactly the
+  KV heads those query heads read under GQA); ``o_proj`` row-parallel, then ``psum`` over ``tensor``.
 * **SwiGLU MLP**: ``gate/up_proj`` column-parallel, ``down_proj`` row-parallel, ``psum``. MoE experts split
   their ``d_ff_expert`` the same way (router replicated).
 * **Mamba-2**: ``in_proj`` column-parallel, ``out_proj`` row-parallel, ``psum``. ``in_proj``'s columns are

@@ -253,7 +253,7 @@ def evaluate(model: nnx.Module, batches: Iterable[dict[str, Any]], compute_dtype
 
 def train(model: nnx.Module, config: TrainConfig, train_iter: Iterator[dict[str, Any]], *,
           out_dir: str | Path, eval_fn: Callable[[nnx.Module], float] | None = None, resume: bool = False,
-          optimizer: nnx.Optimizer | None = None) -> dict[str, Any]:
+          optimizer: nnx.Optimizer | None = None, step_factory: Callable | None = None) -> dict[str, Any]:
     """Train ``model`` for ``config.steps`` optimizer steps on ``train_iter``; log, evaluate, checkpoint.
 
     Args:
@@ -272,6 +272,10 @@ def train(model: nnx.Module, config: TrainConfig, train_iter: Iterator[dict[str,
         model, optimizer, step, tokens seen and the iterator position); start fresh if there is none.
       optimizer: optional ready ``nnx.Optimizer`` over ``model``; default
         ``make_optimizer(config.optim_config(), model)``.
+      step_factory: optional ``(model, optimizer, schedule, compute_dtype) -> (step_fn, state)`` replacing
+        :func:`make_train_step` (same contract: ``step_fn(state, batch) -> (state, metrics)``, ``state`` the
+        ``nnx.split((model, optimizer))`` state), e.g. :func:`mani_jax.parallel.sharded_step_factory` for a
+        device mesh. Called after any checkpoint restore.
 
     Returns:
       A summary dict: ``final_step``, ``start_step``, ``steps_run``, ``train_tokens`` (tokens processed,
@@ -325,8 +329,11 @@ def train(model: nnx.Module, config: TrainConfig, train_iter: Iterator[dict[str,
     elif metrics_path.exists():
         metrics_path.unlink()  # a fresh run: do not mix with an old log
 
-    graphdef, state = nnx.split((model, optimizer))
-    step_fn = make_train_step(graphdef, schedule, config.compute_dtype)
+    if step_factory is None:
+        graphdef, state = nnx.split((model, optimizer))
+        step_fn = make_train_step(graphdef, schedule, config.compute_dtype)
+    else:
+        step_fn, state = step_factory(model, optimizer, schedule, config.compute_dtype)
 
     def sync() -> None:
         nnx.update((model, optimizer), state)
