@@ -178,7 +178,8 @@ def paired_difference(a: Sequence[bool], b: Sequence[bool], *, n_boot: int = 10_
 # ------------------------------------------------------------------------------------ preference sampling
 def sample_preference_pairs(engine, tokenizer, problems: Sequence[Problem], *, n_samples: int = 4,
                             temperature: float = 1.0, max_new_tokens: int = 96, seed: int = 0,
-                            max_pairs_per_problem: int = 1) -> tuple[list, dict[str, Any]]:
+                            max_pairs_per_problem: int = 1, gold_fallback: bool = False
+                            ) -> tuple[list, dict[str, Any]]:
     """On-policy preference pairs: ``n_samples`` replies per problem sampled from the engine's model at
     ``temperature`` (request ``i`` of problem ``j`` uses seed ``seed + j * n_samples + i``); for every problem
     with at least one verified-correct and one wrong reply, up to ``max_pairs_per_problem`` pairs
@@ -186,10 +187,14 @@ def sample_preference_pairs(engine, tokenizer, problems: Sequence[Problem], *, n
     that did not reach ``<|end|>`` counts as wrong; replies are trained with their closing ``<|end|>``
     (a truncated reply is kept as it was sampled).
 
+    ``gold_fallback``: for a problem whose samples are all wrong, pair the problem's reference worked solution
+    (``problem.solution`` + ``<|end|>``, correct by construction) with a wrong sample. The chosen reply is then
+    off-policy; off by default (the smoke preset uses it, where the SFT model is too small to be ever right).
+
     Returns:
       ``(pairs, stats)``: a list of :class:`~mani_jax.train.preference.PreferencePair` and ``{"problems",
-      "samples", "sample_accuracy", "all_correct", "all_wrong", "mixed", "pairs", "seconds"}`` (``all_*`` /
-      ``mixed``: problems whose samples were all right, all wrong, or both).
+      "samples", "sample_accuracy", "all_correct", "all_wrong", "mixed", "pairs", "gold_pairs", "seconds"}``
+      (``all_*`` / ``mixed``: problems whose samples were all right, all wrong, or both).
     """
     from mani_jax.train.preference import PreferencePair
 
@@ -201,7 +206,7 @@ def sample_preference_pairs(engine, tokenizer, problems: Sequence[Problem], *, n
     outs = _generate(engine, flat, max_new_tokens, temperature=temperature, seeds=seeds, stop_ids=(end_id,))
     seconds = time.perf_counter() - t0
     rng = np.random.default_rng(seed)
-    pairs, n_ok, counts = [], 0, {"all_correct": 0, "all_wrong": 0, "mixed": 0}
+    pairs, n_ok, counts = [], 0, {"all_correct": 0, "all_wrong": 0, "mixed": 0, "gold_pairs": 0}
     for j, p in enumerate(problems):
         replies = outs[j * n_samples: (j + 1) * n_samples]
         good, bad = [], []
@@ -218,6 +223,11 @@ def sample_preference_pairs(engine, tokenizer, problems: Sequence[Problem], *, n
                 pairs.append(PreferencePair(tuple(int(t) for t in prompts[j]), c, r))
         else:
             counts["all_correct" if good else "all_wrong"] += 1
+            if gold_fallback and bad:
+                gold = tuple(tokenizer.encode(p.solution)) + (end_id,)
+                rng.shuffle(bad)
+                pairs.append(PreferencePair(tuple(int(t) for t in prompts[j]), gold, bad[0]))
+                counts["gold_pairs"] += 1
     stats = {"problems": len(problems), "samples": len(flat), "sample_accuracy": n_ok / max(len(flat), 1),
              **counts, "pairs": len(pairs), "seconds": seconds}
     return pairs, stats
@@ -333,9 +343,11 @@ def plot_accuracy(stages: dict[str, dict[str, Any]], path, title: str = "held-ou
             lo.append(a - l)
             hi.append(h - a)
         ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=f"{name} ({stages[name]['accuracy']:.0%})")
-    ax.set_xticks(range(len(diffs)), [f"{d} step{'s' if d != '1' else ''}" for d in diffs])
+    first = stages[names[0]]["by_steps"]
+    ax.set_xticks(range(len(diffs)), [f"{d} step{'s' if d != '1' else ''}\nn={first[d]['n'] if d in first else '-'}"
+                                      for d in diffs])
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel("exact match")
+    ax.set_ylabel("exact match (95% Wilson interval)")
     ax.set_title(title)
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
