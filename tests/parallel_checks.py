@@ -172,7 +172,8 @@ def group_pipeline(combo: bool = False) -> dict:
     for sched, kw in layouts:
         mesh = make_mesh(**kw)
         model = HybridLM(cfg, rngs=nnx.Rngs(0))
-        step, state, _ = make_pipeline_train_step(model, mesh, OPTIM, n_microbatches=4, schedule=sched)
+        n_micro = 8 // (2 * mesh.shape["data"])  # each microbatch: 2 rows per data shard
+        step, state, _ = make_pipeline_train_step(model, mesh, OPTIM, n_microbatches=n_micro, schedule=sched)
         compiled = step.lower(state, data[0]).compile()
         losses = []
         for b in data:
@@ -182,7 +183,8 @@ def group_pipeline(combo: bool = False) -> dict:
         key = sched + ("_dp_tp_pp" if combo else "")
         res[key] = {"loss_diff": max(abs(a - b) for a, b in zip(losses, ref_losses)),
                     "param_diff": max_diff(params_of(model), ref_params),
-                    "collectives": collective_stats(compiled.as_text())["ops"],
+                    "collectives": collective_stats(compiled.as_text())["ops"], "microbatches": n_micro,
+                    "wire_bytes": collective_stats(compiled.as_text())["total_wire_bytes"],
                     "stage_spec": str(state[0]["stages"][0]["mixer"]["in_proj"]["kernel"].sharding.spec),
                     "stage_shards": shard_shapes(state[0]["stages"][0]["mixer"]["in_proj"]["kernel"])}
     return res

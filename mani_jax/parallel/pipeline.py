@@ -1,9 +1,10 @@
 """Pipeline parallelism: the layer stack cut into stages over the ``pipeline`` mesh axis, microbatches
 passed stage to stage with ``ppermute``, GPipe and 1F1B schedules.
 
-Sharding mode: ``jax.shard_map`` **manual over ``pipeline`` only**; every other mesh axis stays
-``Auto``, so inside a stage GSPMD still applies the data / FSDP / tensor shardings of the rules (DP x TP x
-PP is one mesh). Stage ``s`` holds layers ``[s L/p, (s+1) L/p)``: the parameters of each stage's blocks
+Sharding mode: ``jax.shard_map`` **manual over ``pipeline``** and over the batch axes that split no
+parameter (``data``, ``expert``: each shard accumulates its gradients over the ticks and ``psum`` s them
+once at the end); ``fsdp`` and ``tensor`` stay ``Auto``, so inside a stage GSPMD still applies the FSDP /
+tensor shardings of the rules (DP x TP x PP is one mesh). Stage ``s`` holds layers ``[s L/p, (s+1) L/p)``: the parameters of each stage's blocks
 are stacked along a leading ``[p]`` axis split over ``pipeline`` (logical axis ``stage``). Every stage must
 have the same block pattern (attention / Mamba-2 per position), e.g. ``hybrid_layer_types(12, 3)`` on 2 or
 4 stages. The embedding runs before the pipeline, replicated over ``pipeline``; the final norm, the LM
@@ -254,14 +255,18 @@ def _microbatch(x, m: int):
     return x.reshape(b // m, m, *x.shape[1:]).swapaxes(0, 1)
 
 
-def _gpipe(graphdef, cfg, k, p, m):
-    """shard_map body: the forward loop; jax.grad differentiates it (GPipe)."""
+def _gpipe(graphdef, cfg, k, p, m, daxes):
+    """shard_map body: the forward loop; jax.grad differentiates it (GPipe). ``daxes``: the manual batch
+    axes (the microbatch rows are split over them)."""
     stage = _stage_fn(graphdef, cfg, k)
     perm = [(s, s + 1) for s in range(p - 1)]
+    every = (AXIS,) + daxes
 
     def body(stages, rest, x_m, pos_m, seg_m, tgt_m, mask_m, n_total):
-        params = jax.tree.map(lambda a: a[0], stages)
-        rest, x_m = _vary((rest, x_m))
+        # Replicated inputs are marked varying once here, so the backward's psum of their cotangents (over
+        # stages for the head, over batch shards for every parameter) happens once, not in every tick.
+        params = _vary(jax.tree.map(lambda a: a[0], stages), daxes)
+        rest, x_m = _vary(rest, every), _vary(x_m, (AXIS,))
         s = jax.lax.axis_index(AXIS)
         act = jnp.zeros_like(x_m[0])
         loss = jnp.zeros((), jnp.float32)
@@ -278,20 +283,19 @@ def _gpipe(graphdef, cfg, k, p, m):
             act = jax.lax.ppermute(out, AXIS, perm)
             return (act, loss), None
 
-        (_, loss), _ = jax.lax.scan(tick, _vary((act, loss)), jnp.arange(m + p - 1))
-        return jax.lax.psum(loss, AXIS)
+        (_, loss), _ = jax.lax.scan(tick, _vary((act, loss), every), jnp.arange(m + p - 1))
+        return jax.lax.psum(loss, every)
 
     return body
 
 
-def _vary(tree):
-    """Mark every array of ``tree`` as varying over ``pipeline`` (no-op where it already is). Done once at
-    the top of a stage program for the replicated inputs, so that the transposes' ``psum`` over stages
-    happens once there, not inside every tick or inside a branch that only some stages take."""
+def _vary(tree, axes=(AXIS,)):
+    """Mark every array of ``tree`` as varying over the manual ``axes`` (no-op where it already is). Done
+    once at the top of a stage program for the replicated inputs, so that the transposes' ``psum`` happens
+    once there, not inside every tick or inside a branch that only some stages take."""
     def one(x):
-        if AXIS in jax.typeof(x).manual_axis_type.varying:
-            return x
-        return jax.lax.pcast(x, (AXIS,), to="varying")
+        todo = tuple(a for a in axes if a not in jax.typeof(x).manual_axis_type.varying)
+        return jax.lax.pcast(x, todo, to="varying") if todo else x
 
     return jax.tree.map(one, tree)
 
@@ -317,13 +321,13 @@ def _slots(table: _Table, recv: np.ndarray, use: np.ndarray, m: int) -> int:
     return m
 
 
-def _one_f_one_b(graphdef, cfg, k, p, m, branching: bool):
+def _one_f_one_b(graphdef, cfg, k, p, m, branching: bool, daxes):
     """shard_map body: the 1F1B schedule with the backward written out. Returns (loss, stage grads,
     rest grads, cotangent of the embedded inputs).
 
     ``branching``: each stage runs only its scheduled op (``lax.switch``). Without it every stage computes
     the forward and the backward each tick and keeps the scheduled one: needed when GSPMD puts collectives
-    inside a stage (tensor / FSDP / expert axes > 1), since stages taking different branches would then
+    inside a stage (tensor / FSDP axes > 1), since stages taking different branches would then
     meet different collectives (the CPU runtime waits for all local devices and aborts)."""
     table = schedule_table("1f1b", p, m)
     ticks = table.op.shape[0]
@@ -357,9 +361,11 @@ def _one_f_one_b(graphdef, cfg, k, p, m, branching: bool):
     op_tab, mb_tab = jnp.asarray(table.op), jnp.asarray(table.mb)
     act_tab, grad_tab = jnp.asarray(act_in), jnp.asarray(grad_in)
 
+    every = (AXIS,) + daxes
+
     def body(stages, rest, x_m, pos_m, seg_m, tgt_m, mask_m, n_total):
-        params = jax.tree.map(lambda a: a[0], stages)
-        rest, x_m = _vary((rest, x_m))
+        params = _vary(jax.tree.map(lambda a: a[0], stages), daxes)
+        rest, x_m = _vary(rest, every), _vary(x_m, (AXIS,))
         s = jax.lax.axis_index(AXIS)
         zeros_x = jnp.zeros_like(x_m[0])
         carry = {
@@ -377,12 +383,13 @@ def _one_f_one_b(graphdef, cfg, k, p, m, branching: bool):
         def idle(c, i):
             zero_rest = jax.tree.map(jnp.zeros_like, rest)
             return _vary((zeros_x, zeros_x, jax.tree.map(jnp.zeros_like, params), zero_rest,
-                          jnp.zeros((), jnp.float32)))
+                          jnp.zeros((), jnp.float32)), every)
 
         def fwd(c, i):
             y = stage(params, stage_input(c, i), pos_m[i], seg_m[i])
             zero_rest = jax.tree.map(jnp.zeros_like, rest)
-            return _vary((y, zeros_x, jax.tree.map(jnp.zeros_like, params), zero_rest, jnp.zeros((), jnp.float32)))
+            return _vary((y, zeros_x, jax.tree.map(jnp.zeros_like, params), zero_rest, jnp.zeros((), jnp.float32)),
+                         every)
 
         def bwd(c, i):
             # One vjp for every stage: the last stage differentiates its loss, the others the dot product of
@@ -398,7 +405,7 @@ def _one_f_one_b(graphdef, cfg, k, p, m, branching: bool):
 
             obj, vjp, li = jax.vjp(f, params, rest, x_in, has_aux=True)
             gp, gr, gx = vjp(jnp.ones_like(obj))
-            return _vary((zeros_x, gx.astype(zeros_x.dtype), gp, gr, jnp.where(is_last, li, 0.0)))
+            return _vary((zeros_x, gx.astype(zeros_x.dtype), gp, gr, jnp.where(is_last, li, 0.0)), every)
 
         def tick(c, t):
             op, i = op_tab[t, s], mb_tab[t, s]
@@ -420,9 +427,10 @@ def _one_f_one_b(graphdef, cfg, k, p, m, branching: bool):
             c["recv_g"] = jnp.where(jg >= 0, c["recv_g"].at[jg % k_grad].set(got_grad), c["recv_g"])
             return c, None
 
-        c, _ = jax.lax.scan(tick, _vary(carry), jnp.arange(ticks))
-        g_stage = jax.tree.map(lambda a: a[None], c["g_stage"])
-        return (jax.lax.psum(c["loss"], AXIS), g_stage, jax.lax.psum(c["g_rest"], AXIS),
+        c, _ = jax.lax.scan(tick, _vary(carry, every), jnp.arange(ticks))
+        # One reduction each at the end: gradients over the batch shards (and the head's over stages).
+        g_stage = jax.tree.map(lambda a: a[None], jax.lax.psum(c["g_stage"], daxes) if daxes else c["g_stage"])
+        return (jax.lax.psum(c["loss"], every), g_stage, jax.lax.psum(c["g_rest"], every),
                 jax.lax.psum(c["dx"], AXIS))
 
     return body
@@ -456,17 +464,22 @@ def pipeline_loss(graphdef: nnx.GraphDef, cfg: ModelConfig, mesh: Mesh, *, n_mic
     if not isinstance(n_microbatches, int) or n_microbatches < 1:
         raise ValueError(f"n_microbatches: expected a positive int, got {n_microbatches!r}")
     m = n_microbatches
-    specs = (P(AXIS), P(), P(), P(), P(), P(), P(), P())
+    # The batch axes that split no parameter are manual too (each shard sums its own gradients over the
+    # ticks and reduces once at the end); fsdp stays auto, so GSPMD gathers its weight shards in the stage.
+    daxes = tuple(a for a in ("data", "expert") if mesh.shape.get(a, 1) > 1)
+    rows = P(None, daxes if daxes else None)  # [m, microbatch rows, ...]
+    specs = (P(AXIS), P(), rows, rows, rows, rows, rows, P())
+    manual = {AXIS, *daxes}
     if schedule == "gpipe":
-        piped = jax.shard_map(_gpipe(graphdef, cfg, k, p, m), mesh=mesh, in_specs=specs, out_specs=P(),
-                              axis_names={AXIS})
+        piped = jax.shard_map(_gpipe(graphdef, cfg, k, p, m, daxes), mesh=mesh, in_specs=specs, out_specs=P(),
+                              axis_names=manual)
 
         def run(stages, rest, x_m, *rest_args):
             return piped(stages, rest, x_m, *rest_args)
     else:
-        branching = all(mesh.shape[a] == 1 for a in ("fsdp", "tensor", "expert"))
-        raw = jax.shard_map(_one_f_one_b(graphdef, cfg, k, p, m, branching), mesh=mesh, in_specs=specs,
-                            out_specs=(P(), P(AXIS), P(), P()), axis_names={AXIS})
+        branching = all(mesh.shape[a] == 1 for a in ("fsdp", "tensor"))
+        raw = jax.shard_map(_one_f_one_b(graphdef, cfg, k, p, m, branching, daxes), mesh=mesh, in_specs=specs,
+                            out_specs=(P(), P(AXIS), P(), rows), axis_names=manual)
 
         @jax.custom_vjp
         def run(stages, rest, x_m, *rest_args):
@@ -487,8 +500,10 @@ def pipeline_loss(graphdef: nnx.GraphDef, cfg: ModelConfig, mesh: Mesh, *, n_mic
 
     def loss_fn(params, batch):
         b = batch["tokens"].shape[0]
-        if b % m:
-            raise ValueError(f"n_microbatches: {m} does not divide the batch size {b}")
+        n_shards = int(np.prod([mesh.shape[a] for a in ("data", "fsdp", "expert")]))
+        if b % m or (b // m) % n_shards:
+            raise ValueError(f"n_microbatches: {m} microbatches of a batch of {b} rows must each split over the "
+                             f"{n_shards} batch shards (data x fsdp x expert)")
         mic = {key: _microbatch(batch[key], m) for key in ("tokens", "targets", "segment_ids", "positions",
                                                              "loss_mask")}
         mask_m = mic["loss_mask"].astype(jnp.float32)

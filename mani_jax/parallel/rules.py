@@ -45,7 +45,7 @@ Divisibility: a dimension must divide evenly by the product of its mesh axes; ot
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Sequence
 
 import jax
 import numpy as np

@@ -102,8 +102,10 @@ def make_sharded_train_step(model: nnx.Module, optimizer: nnx.Optimizer, mesh: M
         opt_rules = with_rules(rules, embed=_add_axis(dict(rules)["embed"], "data"))
         grad_sh = tree_shardings(nnx.state(model, nnx.Param), mesh, opt_rules)
 
-        def grad_transform(grads):
+        def constrain_grads(grads):
             return jax.lax.with_sharding_constraint(grads, grad_sh)
+
+        grad_transform = constrain_grads
 
     inner = make_train_step(graphdef, schedule, compute_dtype, grad_transform=grad_transform)
 
