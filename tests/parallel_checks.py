@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -122,20 +123,6 @@ def group_annotation() -> dict:
                      "param_diff": max_diff(out["params"], ref_params), "collectives": out["collectives"],
                      "param_specs": out["param_specs"], "opt_specs": out["opt_specs"], "shards": out["shards"],
                      "wire_bytes": out["wire_bytes"]}
-    # The trainer's own loop (logging, orbax checkpoint of sharded arrays) on the FSDP mesh.
-    import tempfile
-
-    from mani_jax.parallel import sharded_step_factory
-    from mani_jax.train import TrainConfig, train
-
-    model = HybridLM(cfg, rngs=nnx.Rngs(0))
-    tc = TrainConfig(steps=STEPS, batch_size=8, seq_len=16, learning_rate=1e-2, warmup_steps=1, lr_decay_steps=10,
-                     log_every=1, checkpoint_every=STEPS, progress=False)
-    with tempfile.TemporaryDirectory() as d:
-        summary = train(model, tc, iter(data), out_dir=d, step_factory=sharded_step_factory(make_mesh(data=2, fsdp=4)))
-    res["train_loop_fsdp"] = {"loss_diff": max(abs(l - r) for (_, l), r in zip(summary["losses"], ref_losses)),
-                              "param_diff": max_diff(params_of(model), ref_params),
-                              "embed_spec": str(model.embed.embedding[...].sharding.spec)}
     # Tensor parallel with the collectives written out (shard_map), same mesh as "tp".
     mesh = make_mesh(data=4, tensor=2)
     model = HybridLM(cfg, rngs=nnx.Rngs(0))
@@ -158,6 +145,29 @@ def group_annotation() -> dict:
                            "in_proj_spec": str(state[0]["layers"][0]["mixer"]["in_proj"]["kernel"].sharding.spec),
                            "losses": losses}
     res["tp_vs_shard_map"] = max(abs(a - b) for a, b in zip(losses, res["tp"]["losses"]))
+    return res
+
+
+def group_loop() -> dict:
+    """mani_jax.train.train (logging, orbax checkpoint of sharded arrays) with the sharded step on DP2 x FSDP4."""
+    import tempfile
+
+    from mani_jax.parallel import sharded_step_factory
+    from mani_jax.train import TrainConfig, train
+
+    cfg = config("mamba,attention")
+    data = batches(cfg)
+    ref_losses, ref_params = reference(cfg, data)
+    res = {}
+    model = HybridLM(cfg, rngs=nnx.Rngs(0))
+    tc = TrainConfig(steps=STEPS, batch_size=8, seq_len=16, learning_rate=1e-2, warmup_steps=1, lr_decay_steps=10,
+                     log_every=1, checkpoint_every=STEPS, progress=False)
+    with tempfile.TemporaryDirectory() as d:
+        summary = train(model, tc, iter(data), out_dir=d, step_factory=sharded_step_factory(make_mesh(data=2, fsdp=4)))
+        saved = sorted(p.name for p in (Path(d) / "checkpoints").iterdir())
+    res["train_loop_fsdp"] = {"loss_diff": max(abs(l - r) for (_, l), r in zip(summary["losses"], ref_losses)),
+                              "param_diff": max_diff(params_of(model), ref_params),
+                              "embed_spec": str(model.embed.embedding[...].sharding.spec), "checkpoints": saved}
     return res
 
 
@@ -239,7 +249,7 @@ def group_expert() -> dict:
     return res
 
 
-GROUPS = {"annotation": group_annotation, "pipeline": group_pipeline,
+GROUPS = {"annotation": group_annotation, "loop": group_loop, "pipeline": group_pipeline,
           "pipeline_combo": lambda: group_pipeline(combo=True), "expert": group_expert}
 
 if __name__ == "__main__":

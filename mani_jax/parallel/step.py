@@ -14,11 +14,12 @@ shardings and inserts the collectives. (Without the activation constraints GSPMD
   one all-reduce of the gradients per step.
 * **FSDP / ZeRO-3** (``MeshConfig(fsdp=N)``; Rajbhandari et al. 2020, "ZeRO", Sec. 5 P_os+g+p; PyTorch
   FSDP, Zhao et al. 2023): parameters, gradients and moments split along ``d_model``; every weight is
-  all-gathered where it is used, its gradient reduce-scattered.
+  all-gathered where it is used, its gradient reduced back to the shard (a reduce-scatter on GPU/TPU; the
+  CPU backend keeps all-reduce + slice, XLA's reduce-scatter rewrite is not in its pipeline).
 * **ZeRO-1** (``MeshConfig(data=N)`` + ``zero1=True``; ZeRO Sec. 5.1 P_os): parameters replicated, Adam
   moments split over ``data``; the gradients are constrained to the moments' sharding (a
-  reduce-scatter instead of an all-reduce), each replica updates its slice, and the new parameters are
-  all-gathered by the replicated ``out_shardings``.
+  reduce-scatter where the backend forms one, else all-reduce + slice), each replica updates its slice,
+  and the new parameters are all-gathered by the replicated ``out_shardings``.
 * **tensor parallel by annotation** (``MeshConfig(tensor=N)``): the Megatron column/row splits of
   :data:`~mani_jax.parallel.rules.LOGICAL_RULES` as parameter shardings; GSPMD finds the all-reduce after
   each row-parallel matmul. (The explicit version is :mod:`mani_jax.parallel.tensor`.)
