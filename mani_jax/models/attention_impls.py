@@ -1,4 +1,5 @@
-"""The attention implementations a model can pick by config (``ModelConfig.attention_impl``).
+"""The attention and SSD implementations a model can pick by config (``ModelConfig.attention_impl``,
+``ssd_impl``, ``paged_attention_impl``).
 
 Each is a function with :func:`mani_jax.core.attention`'s signature, used by the full-sequence (training /
 uncached prefill) path of :class:`mani_jax.models.hybrid.Attention`; cached decode and the paged engine
@@ -8,6 +9,11 @@ always use the reference.
 * ``"pallas"``: :func:`kernels.flash_attention.flash_attention`, FlashAttention-2 Pallas kernels (forward
   and backward, O(seq) memory); ``ModelConfig.attention_interpret`` runs them in interpret mode (CPU tests).
 * ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (NVIDIA GPUs, 16-bit dtypes).
+
+:func:`chunked_ssd` (``ssd_impl``): :func:`mani_jax.core.ssd_chunked` (``"xla"``) or the
+:func:`kernels.ssd.ssd_chunked` Pallas kernels (``"pallas"``; ``ssd_interpret`` for interpret mode).
+:func:`paged_decode_attention` (``paged_attention_impl``): :func:`mani_jax.core.paged_attention`
+(``"xla"``) or the :func:`kernels.paged_attention.paged_attention` split-K kernel (``"pallas"``).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from mani_jax import core
-from mani_jax.models.config import ATTENTION_IMPLS, ModelConfig
+from mani_jax.models.config import ATTENTION_IMPLS, PAGED_ATTENTION_IMPLS, SSD_IMPLS, ModelConfig
 
 Array = jax.Array
 
@@ -79,3 +85,36 @@ def full_sequence_attention(cfg: ModelConfig) -> Callable[..., Array]:
     if cfg.attention_impl == "cudnn":
         return cudnn_attention
     raise ValueError(f"attention_impl: expected one of {ATTENTION_IMPLS}, got {cfg.attention_impl!r}")
+
+
+def chunked_ssd(cfg: ModelConfig) -> Callable[..., tuple[Array, Array]]:
+    """The chunked SSD ``cfg.ssd_impl`` selects (same signature as :func:`core.ssd_chunked`).
+
+    Raises:
+      ValueError: an unknown ``ssd_impl`` (also caught when the config is built).
+    """
+    if cfg.ssd_impl == "xla":
+        return core.ssd_chunked
+    if cfg.ssd_impl == "pallas":
+        from kernels.ssd import ssd_chunked  # kernels <- models: the allowed direction
+
+        return functools.partial(ssd_chunked, interpret=cfg.ssd_interpret)
+    raise ValueError(f"ssd_impl: expected one of {SSD_IMPLS}, got {cfg.ssd_impl!r}")
+
+
+def paged_decode_attention(cfg: ModelConfig) -> Callable[..., Array]:
+    """Decode attention over a paged KV cache that ``cfg.paged_attention_impl`` selects: a function
+    ``f(q [B, Hq, D], k_pages, v_pages, block_tables, lengths, *, softmax_scale, sliding_window) -> [B, Hq, D]``
+    with :func:`core.paged_attention`'s decode semantics (the query sits at position ``lengths - 1``).
+
+    Raises:
+      ValueError: an unknown ``paged_attention_impl`` (also caught when the config is built).
+    """
+    if cfg.paged_attention_impl == "xla":
+        return core.paged_attention
+    if cfg.paged_attention_impl == "pallas":
+        from kernels.paged_attention import paged_attention
+
+        return functools.partial(paged_attention, interpret=cfg.attention_interpret)
+    raise ValueError(f"paged_attention_impl: expected one of {PAGED_ATTENTION_IMPLS}, got "
+                     f"{cfg.paged_attention_impl!r}")

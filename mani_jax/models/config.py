@@ -17,6 +17,8 @@ from mani_jax.config import apply_overrides, get_preset, parse_overrides
 LayerType = Literal["attention", "mamba"]
 LAYER_TYPES = ("attention", "mamba")
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn")
+SSD_IMPLS = ("xla", "pallas")
+PAGED_ATTENTION_IMPLS = ("xla", "pallas")
 REMAT_POLICIES = ("none", "full", "save_dots", "offload")
 
 
@@ -59,7 +61,17 @@ class ModelConfig:
         ``kernels.flash_attention`` FlashAttention-2 kernels) or ``"cudnn"`` (``jax.nn.dot_product_attention``
         with cuDNN; GPU only); see :mod:`mani_jax.models.attention_impls`. Cached decode always uses the
         reference.
-      attention_interpret: run the ``"pallas"`` kernels in Pallas interpret mode (CPU tests; slow).
+      attention_interpret: run the ``"pallas"`` attention kernels (flash and paged) in Pallas interpret mode
+        (CPU tests; slow).
+      ssd_impl: chunked SSD of the Mamba-2 layers' full-sequence path (training / prefill), one of
+        :data:`SSD_IMPLS`: ``"xla"`` (:func:`mani_jax.core.ssd_chunked`) or ``"pallas"`` (the
+        ``kernels.ssd`` kernels, forward and backward). Token-by-token decode always uses the reference step.
+      ssd_interpret: run the ``"pallas"`` SSD kernels in Pallas interpret mode (CPU tests; slow).
+      paged_attention_impl: attention of one-token-per-row steps over the paged KV cache
+        (:meth:`HybridLM.forward_paged`, the engine's decode), one of :data:`PAGED_ATTENTION_IMPLS`:
+        ``"xla"`` (:func:`mani_jax.core.paged_attention`, gathers pages) or ``"pallas"`` (the
+        ``kernels.paged_attention`` split-K kernel; ``attention_interpret`` applies). Multi-token paged steps
+        (chunked prefill, speculative verification) always use the reference.
       remat: gradient-checkpointing policy of the blocks in training (:mod:`mani_jax.models.remat`): one of
         :data:`REMAT_POLICIES` for every block, or a comma-separated policy per layer (``"full,none,..."``).
     """
@@ -107,6 +119,9 @@ class ModelConfig:
     param_dtype: str = "float32"
     attention_impl: str = "xla"
     attention_interpret: bool = False
+    ssd_impl: str = "xla"
+    ssd_interpret: bool = False
+    paged_attention_impl: str = "xla"
     remat: str = "none"
 
     def __post_init__(self):
@@ -154,6 +169,10 @@ class ModelConfig:
             bad("sliding_window", "None or a positive int")
         if self.attention_impl not in ATTENTION_IMPLS:
             bad("attention_impl", f"one of {ATTENTION_IMPLS}")
+        if self.ssd_impl not in SSD_IMPLS:
+            bad("ssd_impl", f"one of {SSD_IMPLS}")
+        if self.paged_attention_impl not in PAGED_ATTENTION_IMPLS:
+            bad("paged_attention_impl", f"one of {PAGED_ATTENTION_IMPLS}")
         policies = self.remat.split(",")
         if any(p not in REMAT_POLICIES for p in policies) or len(policies) not in (1, self.n_layers):
             bad("remat", f"one of {REMAT_POLICIES}, or a comma-separated list of {self.n_layers} of them")

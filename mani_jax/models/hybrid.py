@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mani_jax import core
-from mani_jax.models.attention_impls import full_sequence_attention
+from mani_jax.models.attention_impls import chunked_ssd, full_sequence_attention, paged_decode_attention
 from mani_jax.models.config import ModelConfig
 from mani_jax.models.quantize import weight_value
 from mani_jax.models.remat import remat_call
@@ -160,7 +160,10 @@ class Attention(nnx.Module):
             off = positions % ps
             kp = cache["k_pages"].at[page, off].set(k.astype(cache["k_pages"].dtype))
             vp = cache["v_pages"].at[page, off].set(v.astype(cache["v_pages"].dtype))
-            out = core.paged_attention(q, kp, vp, block_tables, lengths, q_positions=positions, **kw)
+            if t == 1 and cfg.paged_attention_impl != "xla":  # decode: the query sits at lengths - 1
+                out = paged_decode_attention(cfg)(q[:, 0], kp, vp, block_tables, lengths, **kw)[:, None]
+            else:
+                out = core.paged_attention(q, kp, vp, block_tables, lengths, q_positions=positions, **kw)
             new_cache = {"k_pages": kp, "v_pages": vp}
         else:
             ck = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, cache_pos, 0, 0))
@@ -257,7 +260,7 @@ class Mamba2Mixer(nnx.Module):
             xbc = jax.nn.silu(xbc)
             xs, B, C = jnp.split(xbc, [cfg.d_inner, cfg.d_inner + g * n], axis=-1)
             dtv = core.softplus(dt.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))
-            y, ssm_state = core.ssd_chunked(xs.reshape(b, t, nh, hp), dtv, A, B.reshape(b, t, g, n),
+            y, ssm_state = chunked_ssd(cfg)(xs.reshape(b, t, nh, hp), dtv, A, B.reshape(b, t, g, n),
                                             C.reshape(b, t, g, n), chunk_size=cfg.chunk_size, D=D,
                                             initial_state=init_ssm, segment_ids=segment_ids)
             y = y.reshape(b, t, cfg.d_inner)
