@@ -157,6 +157,7 @@ def test_ssd_impl_is_validated_and_selects_the_kernel():
     assert fn.func is ssd_chunked and fn.keywords == {"interpret": True}
 
 
+@pytest.mark.slow  # ~10-30 s on 2 shared cores: compiling two models; the kernel is covered above
 def test_hybrid_lm_trains_through_the_ssd_kernel():
     """HybridLM with ssd_impl="pallas" (interpret mode): same loss and parameter gradients as "xla" on
     packed sequences (segment ids; n_groups 2; seq 23 not a multiple of the chunk)."""

@@ -7,6 +7,9 @@ sequence's pages in order, so token ``i`` of sequence ``b`` lives at
 ``pages[block_tables[b, i // page_size], i % page_size]``; ``lengths [batch]`` counts the tokens cached
 (including those written for the current step). Entries of a block table past ``ceil(length / page_size)``
 are ignored (any page id, e.g. 0).
+
+int8 KV: pages stored as int8 with one float32 scale per (page, kv head), ``scales [n_pages, Hkv]``;
+a key is ``k_pages[p, s, h].astype(f32) * k_scales[p, h]`` (symmetric absmax, :func:`quantize_pages`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,30 @@ def gather_pages(pages: Array, block_tables: Array) -> Array:
     return g.reshape(b, p * pages.shape[1], *pages.shape[2:])
 
 
+def _gather_dequantized(pages: Array, scales: Array | None, block_tables: Array, name: str) -> Array:
+    """Gathered ``[B, P * page_size, H, D]``; float32 times the per-(page, head) scale for int8 pages."""
+    g = gather_pages(pages, block_tables)
+    if scales is None:
+        return g
+    if scales.shape != (pages.shape[0], pages.shape[2]):
+        raise ValueError(f"{name}: expected [n_pages, n_kv_heads] = {(pages.shape[0], pages.shape[2])}, "
+                         f"got {scales.shape}")
+    per_token = jnp.repeat(scales.astype(jnp.float32)[block_tables], pages.shape[1], axis=1)  # [B, S, H]
+    return g.astype(jnp.float32) * per_token[..., None]
+
+
+def quantize_pages(pages: Array) -> tuple[Array, Array]:
+    """Symmetric int8 quantization with one scale per (page, kv head): ``pages [n_pages, page_size, H, D]``
+    -> ``(int8 pages, float32 scales [n_pages, H])`` with ``scale = max |x| / 127`` over the page's tokens
+    and head dims (1 where the page is all zeros), ``q = round(x / scale)``."""
+    if pages.ndim != 4:
+        raise ValueError(f"pages: expected [n_pages, page_size, n_kv_heads, head_dim], got {pages.shape}")
+    amax = jnp.max(jnp.abs(pages.astype(jnp.float32)), axis=(1, 3))  # [n_pages, H]
+    scales = jnp.where(amax > 0, amax / 127.0, 1.0)
+    q = jnp.round(pages.astype(jnp.float32) / scales[:, None, :, None])
+    return jnp.clip(q, -127, 127).astype(jnp.int8), scales
+
+
 def paged_attention(
     q: Array,
     k_pages: Array,
@@ -36,6 +63,8 @@ def paged_attention(
     q_positions: Array | None = None,
     softmax_scale: float | None = None,
     sliding_window: int | None = None,
+    k_scales: Array | None = None,
+    v_scales: Array | None = None,
 ) -> Array:
     """Causal attention of new queries over the cached tokens of each sequence.
 
@@ -48,6 +77,7 @@ def paged_attention(
       q_positions: int ``[B, T]`` absolute positions of the queries; each must be ``< lengths[b]`` (its
         own key already written) for a meaningful result. Default for 3-d ``q``: ``lengths - 1``.
       softmax_scale: default ``1/sqrt(D)``. sliding_window: as :func:`mani_jax.core.attention`.
+      k_scales, v_scales: float32 ``[n_pages, Hkv]`` for int8 pages (see the module docstring), or None.
 
     Returns:
       like ``q`` (``[B, Hq, D]`` or ``[B, T, Hq, D]``), q's dtype; float32 math. Query ``t`` sees keys at
@@ -75,8 +105,8 @@ def paged_attention(
         q_positions = (lengths - 1)[:, None]
     if q_positions.shape != (b, t):
         raise ValueError(f"q_positions: expected [{b}, {t}], got {q_positions.shape}")
-    k = gather_pages(k_pages, block_tables)
-    v = gather_pages(v_pages, block_tables)
+    k = _gather_dequantized(k_pages, k_scales, block_tables, "k_scales")
+    v = _gather_dequantized(v_pages, v_scales, block_tables, "v_scales")
     s = k.shape[1]
     kv_pos = jnp.arange(s, dtype=jnp.int32)
     # Keys at or past `lengths` get a position no query can see (causal), so they are masked out.
