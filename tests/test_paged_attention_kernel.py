@@ -169,3 +169,28 @@ def test_engine_greedy_output_is_identical_with_the_kernel():
         outs.append(eng.generate(prompts, SamplingParams(max_new_tokens=6)))
     assert outs[0] == outs[1]
     assert all(len(o) == 6 for o in outs[0]) and outs[0][0] != outs[0][1]
+
+
+# ------------------------------------------------------------------------------------------- experiment
+
+@pytest.mark.slow  # ~10-20 s on 2 shared cores: interpret-mode compiles of both kernels and both references
+@pytest.mark.skipif(ON_GPU, reason="the GPU run times the kernels (minutes); this is the CPU smoke path")
+def test_kernels_bench_refuses_cpu_and_smokes_in_interpret_mode(tmp_path):
+    import json
+
+    from experiments import kernels_bench as bench
+
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        bench.main(["--preset", "quick", "--out", str(tmp_path / "refused")])
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        bench.main(["--preset", "smoke", "--out", str(tmp_path / "refused")])  # smoke without --interpret
+    s = bench.main(["--interpret", "--preset", "smoke", "--out", str(tmp_path / "run")])
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert on_disk["timed"] is False and (tmp_path / "run" / "kernels_bench.png").exists()
+    assert {r["system"] for r in s["ssd"]} == {"ours", "xla"} and {r["system"] for r in s["paged"]} == {
+        "ours", "ours-int8", "xla"}
+    for r in s["ssd"] + s["paged"]:
+        assert "error" not in r, r
+    ours = next(r for r in s["ssd"] if r["system"] == "ours")
+    assert ours["max_rel_err_fwd"] < 3e-2 and ours["max_rel_err_grads"] < 6e-2
+    assert all(v["measured"] is None for v in s["targets"].values())  # no timings claimed without a GPU
