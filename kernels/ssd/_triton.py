@@ -15,18 +15,20 @@ where ``a`` is the chunk-local inclusive cumulative sum of ``dt * A`` and ``S [p
 the chunk. ``e``/``f`` carry the packed-segment masks as ``-inf`` (computed in ``jnp``); the intra-chunk
 segment mask ``seg_i == seg_j`` is applied in the kernel.
 
-Kernels, each with grid ``(n_chunks, batch, heads)`` and a loop over ``block_t``-token tiles of its chunk:
+Kernels (five), each with grid ``(n_chunks, batch, heads)`` and a loop over ``block_t``-token tiles of its chunk:
 
 * ``chunk_state_fwd``: accumulates ``s`` (float32 ``[p, n]``) over the tiles.
 * ``chunk_state_bwd``: from ``ds``: ``dB = (u w)^T ds``-rows, ``du = B ds^T w``, ``d dt``, ``de`` per tile.
 * ``chunk_output_fwd``: per row tile, the state term ``exp(f) C S^T`` plus the causal intra-chunk sum over
   column tiles ``j <= i`` of ``((C_i B_j^T) o exp(a_i - a_j) o mask) u_j`` (the "attention-like" diagonal
   block; the ``[Q, Q]`` matrix exists only tile by tile in registers).
-* ``chunk_output_bwd``: one pass over column tiles ``j`` (outer) and row tiles ``i >= j`` (inner) with
-  ``P = G o M``, ``dP = dy_i u_j^T``, ``dG = dP o M``, ``R = dP o P``: ``du_j += P^T dy_i``,
-  ``dB_j += dG^T C_i``, ``dC_i += dG B_j``, ``da_i += rowsum R``, ``da_j -= colsum R`` (the row-side sums
-  accumulate in the program's own output block, read-modify-write, race free), plus the state terms
-  ``dC += exp(f) dy S``, ``df = exp(f) rowsum(dy o C S^T)``, ``dS = (exp(f) dy)^T C``.
+* ``chunk_output_bwd_rows`` / ``_cols``: with ``P = G o M``, ``dP = dy_i u_j^T``, ``dG = dP o M``,
+  ``R = dP o P``: the row kernel loops row tiles ``i`` (outer) and ``j <= i`` (inner) for
+  ``dC_i += dG B_j`` and ``da_i += rowsum R``, plus the state terms ``dC += exp(f) dy S``,
+  ``df = exp(f) rowsum(dy o C S^T)``, ``dS = (exp(f) dy)^T C``; the column kernel loops ``j`` (outer) and
+  ``i >= j`` (inner) for ``du_j += P^T dy_i``, ``dB_j += dG^T C_i``, ``da_j -= colsum R``. Each output
+  element is written once by one program (no read-modify-write of global memory, which Triton does not
+  order between threads without a barrier); ``G``, ``M``, ``dP`` are computed in both.
 
 Matmul operands are cast to the input dtype (bf16 tensor-core dots) and accumulate in float32; float32
 inputs use ``Precision.HIGHEST`` (no TF32). Gradients w.r.t. B and C are written per head (float32) and
@@ -233,30 +235,57 @@ def chunk_output_fwd(x, dt, a, f, B, C, seg, states, cfg: KernelConfig):
     )(*args)
 
 
-def _output_bwd_kernel(*refs, cfg: KernelConfig):
+def _output_bwd_rows_kernel(*refs, cfg: KernelConfig):
+    """Row side of the output backward: each row tile ``i`` accumulates over column tiles ``j <= i``."""
     ins, seg_ref, outs = _unpack(refs, cfg, 9 if cfg.segments else 8)
     x_ref, dt_ref, a_ref, f_ref, b_ref, c_ref, s_ref, dy_ref = ins
-    dx_ref, ddt_ref, da_ref, df_ref, db_ref, dc_ref, ds_ref = outs
+    da_ref, df_ref, dc_ref, ds_ref = outs
     bt, nt = cfg.block_t, cfg.chunk // cfg.block_t
     mm = x_ref.dtype
     state = s_ref[...]  # [p, n] float32
 
-    # State terms, row tiles: dC = exp(f) dy S, df = exp(f) rowsum(dy o C S^T), dS = (exp(f) dy)^T C.
-    def state_rows(i, ds):
+    def row(i, ds):
         si = _tile(i, bt)
         ci = c_ref[si, :]
-        dyi = dy_ref[si, :].astype(jnp.float32)
+        ai = a_ref[si]
+        segi = None if seg_ref is None else seg_ref[si]
+        dyi = dy_ref[si, :]
+        dy32 = dyi.astype(jnp.float32)
+        # State terms: dC = exp(f) dy S, df = exp(f) rowsum(dy o C S^T), dS += (exp(f) dy)^T C.
         ef = jnp.exp(f_ref[si])
         cs = _dot(ci, state, cfg, mm, trans_b=True)  # [bt, p]
-        df_ref[si] = ef * jnp.sum(dyi * cs, axis=1)
-        dc_ref[si, :] = ef[:, None] * _dot(dyi, state, cfg, mm)  # [bt, n]
-        da_ref[si] = jnp.zeros((bt,), jnp.float32)
-        return ds + _dot(dyi * ef[:, None], ci, cfg, mm, trans_a=True)  # [p, n]
+        df_ref[si] = ef * jnp.sum(dy32 * cs, axis=1)
+        dc = ef[:, None] * _dot(dy32, state, cfg, mm)  # [bt, n]
+
+        def col(j, acc):  # intra-chunk: dC_i += (dP o M) B_j, da_i += rowsum(dP o P)
+            dc, da = acc
+            sj = _tile(j, bt)
+            bj = b_ref[sj, :]
+            segj = None if seg_ref is None else seg_ref[sj]
+            m = _decay_matrix(ai, a_ref[sj], segi, segj, i, j, bt)
+            pm = _dot(ci, bj, cfg, mm, trans_b=True) * m  # P = G o M
+            uj = x_ref[sj, :].astype(jnp.float32) * dt_ref[sj][:, None]
+            dp = _dot(dyi, uj, cfg, mm, trans_b=True)  # dP = dy_i u_j^T
+            return dc + _dot(dp * m, bj, cfg, mm), da + jnp.sum(dp * pm, axis=1)
+
+        dc, da = lax.fori_loop(0, i + 1, col, (dc, jnp.zeros((bt,), jnp.float32)))
+        dc_ref[si, :] = dc
+        da_ref[si] = da
+        return ds + _dot(dy32 * ef[:, None], ci, cfg, mm, trans_a=True)  # [p, n]
 
     p, n = ds_ref.shape
-    ds_ref[...] = lax.fori_loop(0, nt, state_rows, jnp.zeros((p, n), jnp.float32))
+    ds_ref[...] = lax.fori_loop(0, nt, row, jnp.zeros((p, n), jnp.float32))
 
-    # Intra-chunk terms: column tile j outer, row tiles i >= j inner.
+
+def _output_bwd_cols_kernel(*refs, cfg: KernelConfig):
+    """Column side of the output backward: each column tile ``j`` accumulates over row tiles ``i >= j``."""
+    ins, seg_ref, outs = _unpack(refs, cfg, 9 if cfg.segments else 8)
+    x_ref, dt_ref, a_ref, f_ref, b_ref, c_ref, s_ref, dy_ref = ins
+    dx_ref, ddt_ref, da_ref, db_ref = outs
+    bt, nt = cfg.block_t, cfg.chunk // cfg.block_t
+    mm = x_ref.dtype
+    n = b_ref.shape[-1]
+
     def col(j, carry):
         sj = _tile(j, bt)
         bj = b_ref[sj, :]
@@ -266,26 +295,21 @@ def _output_bwd_kernel(*refs, cfg: KernelConfig):
         dtj = dt_ref[sj]
         uj = xj * dtj[:, None]
 
-        def row(i, acc):
-            du, db, daj = acc
+        def row(i, acc):  # du_j += P^T dy_i, dB_j += (dP o M)^T C_i, da_j -= colsum(dP o P)
+            du, db, da = acc
             si = _tile(i, bt)
             ci = c_ref[si, :]
             segi = None if seg_ref is None else seg_ref[si]
             dyi = dy_ref[si, :]
             m = _decay_matrix(a_ref[si], aj, segi, segj, i, j, bt)
-            pm = _dot(ci, bj, cfg, mm, trans_b=True) * m  # P = G o M  [bt(i), bt(j)]
-            dp = _dot(dyi, uj, cfg, mm, trans_b=True)  # dP = dy_i u_j^T
-            dg = dp * m
-            r = dp * pm
-            dc_ref[si, :] = dc_ref[si, :] + _dot(dg, bj, cfg, mm)
-            da_ref[si] = da_ref[si] + jnp.sum(r, axis=1)
-            du = du + _dot(pm, dyi, cfg, mm, trans_a=True)
-            db = db + _dot(dg, ci, cfg, mm, trans_a=True)
-            return du, db, daj - jnp.sum(r, axis=0)
+            pm = _dot(ci, bj, cfg, mm, trans_b=True) * m
+            dp = _dot(dyi, uj, cfg, mm, trans_b=True)
+            return (du + _dot(pm, dyi, cfg, mm, trans_a=True), db + _dot(dp * m, ci, cfg, mm, trans_a=True),
+                    da - jnp.sum(dp * pm, axis=0))
 
         init = (jnp.zeros(uj.shape, jnp.float32), jnp.zeros((bt, n), jnp.float32), jnp.zeros((bt,), jnp.float32))
-        du, db, daj = lax.fori_loop(j, nt, row, init)
-        da_ref[sj] = da_ref[sj] + daj
+        du, db, da = lax.fori_loop(j, nt, row, init)
+        da_ref[sj] = da
         db_ref[sj, :] = db
         dx_ref[sj, :] = du * dtj[:, None]
         ddt_ref[sj] = jnp.sum(du * xj, axis=1)
@@ -296,19 +320,32 @@ def _output_bwd_kernel(*refs, cfg: KernelConfig):
 
 def chunk_output_bwd(x, dt, a, f, B, C, seg, states, dy, cfg: KernelConfig):
     """Cotangents of :func:`chunk_output_fwd` for ``dy``: ``(dx [b, L, h, p], ddt, da, df [b, h, L],
-    dB_per_head, dC_per_head [b, L, h, n], dstates [b, nc, h, p, n])``, all float32."""
+    dB_per_head, dC_per_head [b, L, h, n], dstates [b, nc, h, p, n])``, all float32.
+
+    Two kernels, so that every output element is written exactly once (no read-modify-write of global
+    memory, which Triton does not order between a program's threads): the row kernel (``dC``, ``df``,
+    ``dS`` and the row half of ``da``) and the column kernel (``dx``, ``d dt``, ``dB`` and the column half
+    of ``da``); each recomputes ``G``, ``M`` and ``dP`` (7 matmuls per tile pair instead of 5)."""
     b, l, h, p = x.shape
     n = B.shape[-1]
     nc = l // cfg.chunk
     f32 = jnp.float32
     args, names = _output_args(x, dt, a, f, B, C, seg, states)
+    in_specs = _specs(cfg, p, n, names + ["x"])
     tok = jax.ShapeDtypeStruct((b, h, l), f32)
     per_head = jax.ShapeDtypeStruct((b, l, h, n), f32)
-    return pl.pallas_call(
-        functools.partial(_output_bwd_kernel, cfg=cfg), grid=(nc, b, h),
-        in_specs=_specs(cfg, p, n, names + ["x"]),
-        out_specs=_specs(cfg, p, n, ("x", "tok", "tok", "tok", "bc_head", "bc_head", "state")),
-        out_shape=[jax.ShapeDtypeStruct((b, l, h, p), f32), tok, tok, tok, per_head, per_head,
-                   jax.ShapeDtypeStruct((b, nc, h, p, n), f32)],
-        compiler_params=_params(cfg), interpret=cfg.interpret, name="ssd_chunk_output_bwd",
+    da_rows, df, dc, ds = pl.pallas_call(
+        functools.partial(_output_bwd_rows_kernel, cfg=cfg), grid=(nc, b, h),
+        in_specs=in_specs,
+        out_specs=_specs(cfg, p, n, ("tok", "tok", "bc_head", "state")),
+        out_shape=[tok, tok, per_head, jax.ShapeDtypeStruct((b, nc, h, p, n), f32)],
+        compiler_params=_params(cfg), interpret=cfg.interpret, name="ssd_chunk_output_bwd_rows",
     )(*args, dy)
+    dx, ddt, da_cols, db = pl.pallas_call(
+        functools.partial(_output_bwd_cols_kernel, cfg=cfg), grid=(nc, b, h),
+        in_specs=in_specs,
+        out_specs=_specs(cfg, p, n, ("x", "tok", "tok", "bc_head")),
+        out_shape=[jax.ShapeDtypeStruct((b, l, h, p), f32), tok, tok, per_head],
+        compiler_params=_params(cfg), interpret=cfg.interpret, name="ssd_chunk_output_bwd_cols",
+    )(*args, dy)
+    return dx, ddt, da_rows + da_cols, df, db, dc, ds
