@@ -2,8 +2,8 @@
 ``ssd_impl``, ``paged_attention_impl``).
 
 Each is a function with :func:`mani_jax.core.attention`'s signature, used by the full-sequence (training /
-uncached prefill) path of :class:`mani_jax.models.hybrid.Attention`; cached decode and the paged engine
-always use the reference.
+uncached prefill) path of :class:`mani_jax.models.hybrid.Attention`; contiguous-cache decode always uses the
+reference, the paged engine's decode follows ``paged_attention_impl`` (below).
 
 * ``"xla"``: :func:`mani_jax.core.attention`, the reference (XLA fuses it; O(seq^2) memory).
 * ``"pallas"``: :func:`kernels.flash_attention.flash_attention`, FlashAttention-2 Pallas kernels (forward
