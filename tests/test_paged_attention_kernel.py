@@ -48,8 +48,9 @@ LENGTHS = [0, 1, 4, 17, 32]  # empty slot, one token, one full page, a partial l
     dict(hq=4, hkv=2, d=16, pages_per_block=4, n_splits=2),
     # the same with a sliding window of 6 (blocks before the window are skipped).
     dict(hq=4, hkv=2, d=16, pages_per_block=4, n_splits=2, sliding_window=6),
-    # bf16, group of 3 (padded to 16 rows), head dim 24 (padded to 32), default block / split sizes.
-    dict(hq=6, hkv=2, d=24, dtype=jnp.bfloat16),
+    # bf16 cache with float32 queries, group of 3 (padded to 16 rows), head dim 24 (padded to 32), default
+    # block / split sizes.
+    dict(hq=6, hkv=2, d=24, dtype=jnp.bfloat16, q_float32=True),
 ], ids=["gqa-splits", "window", "bf16-padded"])
 def test_matches_reference(case):
     case = dict(case)
@@ -57,10 +58,12 @@ def test_matches_reference(case):
     window = case.pop("sliding_window", None)
     hq, hkv, d = case.pop("hq"), case.pop("hkv"), case.pop("d")
     q, k, v, tables, lengths = make_cache(np.random.default_rng(0), 5, hq, hkv, d, 4, 48, 8, LENGTHS, dtype)
+    if case.pop("q_float32", False):  # float32 queries over a bf16 cache (q is cast to the pages' dtype)
+        q = q.astype(jnp.float32)
     out = paged_attention(q, k, v, tables, lengths, sliding_window=window, interpret=True, **case)
     ref = core.paged_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), tables,
                                lengths, sliding_window=window)
-    assert out.shape == q.shape and out.dtype == dtype
+    assert out.shape == q.shape and out.dtype == q.dtype
     assert_close(out, ref, 1e-5 if dtype == jnp.float32 else 2e-2)
     assert np.all(np.asarray(out[0]) == 0)  # the empty slot
 
@@ -87,8 +90,8 @@ def test_bad_arguments_raise_clear_errors():
         paged_attention(q, k[:, :3], v[:, :3], tables, lengths)
     with pytest.raises(ValueError, match="scales"):
         paged_attention(q, k.astype(jnp.int8), v.astype(jnp.int8), tables, lengths)
-    with pytest.raises(ValueError, match="dtype"):
-        paged_attention(q, k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), tables, lengths)
+    with pytest.raises(ValueError, match="one float dtype"):
+        paged_attention(q, k.astype(jnp.bfloat16), v, tables, lengths)
     with pytest.raises(ValueError, match="lengths"):
         paged_attention(q, k, v, tables, lengths[:1])
     with pytest.raises(ValueError, match="pages_per_block"):

@@ -60,8 +60,9 @@ def paged_attention(
 
     Args:
       q: ``[B, Hq, D]`` float16 / bfloat16 / float32.
-      k_pages, v_pages: ``[n_pages, page_size, Hkv, D]``, q's dtype, or int8 with ``k_scales`` /
-        ``v_scales``; ``Hq % Hkv == 0``; ``page_size`` a power of two.
+      k_pages, v_pages: ``[n_pages, page_size, Hkv, D]``, one float dtype (if it differs from q's, q is cast
+        to it for the matmuls; the cache is never copied), or int8 with ``k_scales`` / ``v_scales``;
+        ``Hq % Hkv == 0``; ``page_size`` a power of two.
       block_tables: int ``[B, max_pages]``; entries past a sequence's pages are ignored (clipped to a valid
         page id; they may be read but are masked).
       lengths: int ``[B]`` tokens cached per sequence; 0 = an empty slot, whose output is zeros.
@@ -80,8 +81,8 @@ def paged_attention(
       ``[B, Hq, D]`` in q's dtype.
 
     Raises:
-      ValueError: mismatched shapes or head counts, a non-power-of-two ``page_size``, a float dtype other
-        than q's for float pages, int8 pages without both scales (or scales with float pages, or mis-shaped
+      ValueError: mismatched shapes or head counts, a non-power-of-two ``page_size``, key and value pages
+        of different dtypes, int8 pages without both scales (or scales with float pages, or mis-shaped
         scales), non-integer block tables / lengths, a bad window, block or split counts, or an unknown
         backend.
     """
@@ -110,8 +111,9 @@ def paged_attention(
     else:
         if k_scales is not None or v_scales is not None:
             raise ValueError("k_scales, v_scales: only int8 pages take scales")
-        if k_pages.dtype != q.dtype or v_pages.dtype != q.dtype:
-            raise ValueError(f"k_pages, v_pages: expected q's dtype {q.dtype} (or int8), got {k_pages.dtype}, "
+        floats = (jnp.float16, jnp.bfloat16, jnp.float32)
+        if k_pages.dtype not in floats or v_pages.dtype != k_pages.dtype:
+            raise ValueError(f"k_pages, v_pages: expected one float dtype (or int8), got {k_pages.dtype}, "
                              f"{v_pages.dtype}")
     if block_tables.ndim != 2 or block_tables.shape[0] != b or not jnp.issubdtype(block_tables.dtype, jnp.integer):
         raise ValueError(f"block_tables: expected int [{b}, max_pages], got {block_tables.dtype} {block_tables.shape}")
@@ -137,10 +139,13 @@ def paged_attention(
         raise ValueError(f"n_splits: expected a positive int, got {n_splits!r}")
     pages_per_split = -(-n_blocks // n_splits) * pages_per_block
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
+    # Matmul dtype: the pages' (a float cache in another dtype is read as it is; q is cast to it), or q's
+    # for int8 pages (cast in the kernel, exact).
+    mm_dtype = q.dtype if quantized else k_pages.dtype
     cfg = _triton.KernelConfig(
         scale=scale, window=sliding_window, pages_per_block=pages_per_block, pages_per_split=pages_per_split,
         n_splits=n_splits, quantized=quantized, num_warps=num_warps, num_stages=num_stages,
-        interpret=bool(interpret), precision=lax.Precision.HIGHEST if q.dtype == jnp.float32 else None)
+        interpret=bool(interpret), precision=lax.Precision.HIGHEST if mm_dtype == jnp.float32 else None)
     return _run(q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, cfg=cfg)
 
 
@@ -150,7 +155,8 @@ def _run(q, k_pages, v_pages, k_scales, v_scales, block_tables, lengths, *, cfg)
     n_pages, _, hkv, _ = k_pages.shape
     g = hq // hkv
     gp, dp = max(_MIN_BLOCK, _next_pow2(g)), max(_MIN_BLOCK, _next_pow2(d))
-    qg = jnp.pad(q.reshape(b, hkv, g, d), ((0, 0), (0, 0), (0, gp - g), (0, dp - d)))
+    mm_dtype = q.dtype if k_pages.dtype == jnp.int8 else k_pages.dtype
+    qg = jnp.pad(q.astype(mm_dtype).reshape(b, hkv, g, d), ((0, 0), (0, 0), (0, gp - g), (0, dp - d)))
     if dp != d:  # a copy of the cache: use head dims that are powers of two >= 16 to avoid it
         pad = ((0, 0), (0, 0), (0, 0), (0, dp - d))
         k_pages, v_pages = jnp.pad(k_pages, pad), jnp.pad(v_pages, pad)
