@@ -55,7 +55,10 @@ LAYOUTS: dict[str, dict] = {
     "dp2_tp2_pp2": dict(kind="pipeline", mesh=dict(data=2, tensor=2, pipeline=2), schedule="gpipe"),
     "fsdp4_tp2": dict(kind="annotation", mesh=dict(data=1, fsdp=4, tensor=2)),
     "moe_dp": dict(kind="annotation", mesh=dict(data=8), moe=True),
-    "moe_dp2_ep4": dict(kind="annotation", mesh=dict(data=2, expert=4), moe=True),
+    # Expert parallel through the model's all-to-all layer (moe_dispatch="all_to_all"); "_gspmd": the
+    # expert axis by annotation only (dropless MoE, GSPMD picks the collectives).
+    "moe_dp2_ep4": dict(kind="annotation", mesh=dict(data=2, expert=4), moe="all_to_all"),
+    "moe_dp2_ep4_gspmd": dict(kind="annotation", mesh=dict(data=2, expert=4), moe=True),
 }
 
 
@@ -65,7 +68,9 @@ class ParallelismConfig:
 
     ``model_preset`` (run) and ``compile_preset`` (compiled only; ``""`` = skip) name
     :data:`mani_jax.models.PRESETS` entries, changed by ``model_overrides`` (``key=value`` strings, applied
-    to both). ``moe_experts`` experts (top-2, ``d_ff_expert = d_ff / 2``) make the ``moe_*`` layouts' model.
+    to both). ``moe_experts`` experts (top-2, ``d_ff_expert = d_ff / 2``) make the ``moe_*`` layouts' model:
+    dropless, or for ``moe_dp2_ep4`` capacity-based with ``capacity_factor = moe_experts / 2`` (nothing
+    dropped: the same function) through the all-to-all layer.
     ``steps`` timed steps follow one compiling step. ``microbatches``: pipeline microbatches.
     """
 
@@ -109,13 +114,15 @@ PRESETS: dict[str, ParallelismConfig] = {
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _model_config(cfg: ParallelismConfig, preset: str, moe: bool):
+def _model_config(cfg: ParallelismConfig, preset: str, moe: bool | str):
     from mani_jax.models import get_config
 
     mc = get_config(preset, list(cfg.model_overrides))
     if moe:
         mc = dataclasses.replace(mc, n_experts=cfg.moe_experts, top_k=2, d_ff_expert=mc.d_ff // 2,
                                  capacity_factor=None, dropless_impl="blocked")
+    if moe == "all_to_all":
+        mc = dataclasses.replace(mc, moe_dispatch="all_to_all", capacity_factor=cfg.moe_experts / 2)
     return mc
 
 
@@ -236,6 +243,15 @@ def conclusions(rows: list[dict]) -> list[str]:
         return r["collectives"]["total_wire_bytes"]
 
     for model, rs in by_model.items():
+        moe = [rs.get(n) for n in ("moe_dp", "moe_dp2_ep4", "moe_dp2_ep4_gspmd")]
+        if moe[0] is not None and moe[1] is not None:
+            a2a = moe[1]["collectives"]["wire_bytes"].get("all-to-all", 0)
+            gspmd = (f"; with the expert axis by annotation only (GSPMD, dropless) {wire(moe[2]) / 2**20:.1f} MiB"
+                     if moe[2] is not None else "")
+            out.append(f"{model}: MoE DP2 x EP4 through the all-to-all layer moves {wire(moe[1]) / 2**20:.1f} MiB "
+                       f"of collectives per step ({a2a / 2**20:.1f} MiB all-to-all) against "
+                       f"{wire(moe[0]) / 2**20:.1f} MiB for MoE DP8{gspmd}; parameter+optimizer state "
+                       f"{state(moe[1]) / 2**20:.1f} vs {state(moe[0]) / 2**20:.1f} MiB per device.")
         base = "dp" if "dp" in rs else "single"  # the reference: data parallel, else one device
         dp = rs.get(base)
         if dp is None:

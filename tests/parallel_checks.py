@@ -10,6 +10,7 @@ jax is imported, which is why this is a separate process (pytest's process keeps
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -98,7 +99,8 @@ def run_annotation(cfg, data, mesh_kw, zero1=False):
         losses.append(float(m["loss"]))
     model_state, opt_state = state[0], state[1]
     stats = collective_stats(compiled.as_text())
-    out = {"losses": losses, "collectives": stats["ops"], "wire_bytes": stats["total_wire_bytes"],
+    out = {"losses": losses, "collectives": stats["ops"], "bytes": stats["bytes"],
+           "wire_bytes": stats["total_wire_bytes"],
            "param_specs": specs(model_state), "opt_specs": specs(opt_state)}
     nnx.update((model, opt), state)
     out["params"] = params_of(model)
@@ -246,7 +248,41 @@ def group_expert() -> dict:
     res["model"] = {"loss_diff": max(abs(a - b) for a, b in zip(out["losses"], ref_losses)),
                     "param_diff": max_diff(out["params"], ref_params),
                     "w_gate_spec": out["param_specs"]["layers/0/moe/w_gate"]}
+    # The same model trained through the all-to-all layer (moe_dispatch="all_to_all"; capacity_factor =
+    # n_experts / top_k: nothing dropped, so the one-device dropless run above is the same function).
+    # Gradients against the one-device run of this config (the layer's no-mesh path).
+    cfg = dataclasses.replace(cfg, capacity_factor=2.0, moe_dispatch="all_to_all")
+    out = run_annotation(cfg, data, dict(data=2, expert=4))
+    res["model_a2a"] = {"loss_diff": max(abs(a - b) for a, b in zip(out["losses"], ref_losses)),
+                        "param_diff": max_diff(out["params"], ref_params),
+                        "grad_diff": grad_diff(cfg, data[0], dict(data=2, expert=4)),
+                        "collectives": out["collectives"], "all_to_all_bytes": out["bytes"].get("all-to-all", 0),
+                        "w_gate_spec": out["param_specs"]["layers/0/moe/w_gate"]}
     return res
+
+
+def grad_diff(cfg, batch, mesh_kw) -> float:
+    """max |gradient on the mesh - gradient on one device| of the training loss, same parameters and batch."""
+    from mani_jax.models.sharding import activation_sharding
+    from mani_jax.parallel import shard_model, spec_for
+    from mani_jax.train.trainer import _forward_loss
+
+    graphdef, state = nnx.split(HybridLM(cfg, rngs=nnx.Rngs(0)))
+
+    def grads(st, b):
+        return jax.grad(lambda st: _forward_loss(nnx.merge(graphdef, st), b, jnp.float32)[0])(st)
+
+    ref = jax.jit(grads)(state, batch)
+    mesh = make_mesh(**mesh_kw)
+    model = HybridLM(cfg, rngs=nnx.Rngs(0))
+    shard_model(model, mesh)
+
+    def traced(st, b):
+        with activation_sharding(mesh, lambda names, shape: spec_for(names, shape, mesh, where="activation")):
+            return grads(st, b)
+
+    got = jax.jit(traced)(nnx.state(model), shard_batch(batch, mesh))
+    return max_diff(jax.device_get(nnx.to_pure_dict(got)), jax.device_get(nnx.to_pure_dict(ref)))
 
 
 GROUPS = {"annotation": group_annotation, "loop": group_loop, "pipeline": group_pipeline,

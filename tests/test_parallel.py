@@ -332,6 +332,48 @@ def test_expert_parallel_all_to_all_equals_unsharded_moe():
     assert r["collectives"]["all-to-all"] == 2
     assert r["model"]["loss_diff"] < TOL and r["model"]["param_diff"] < TOL
     assert r["model"]["w_gate_spec"] == "P('expert',)"
+    # The MoE model trained through the all-to-all layer (moe_dispatch="all_to_all") on DP2 x EP4.
+    a2a = r["model_a2a"]
+    assert a2a["loss_diff"] < TOL and a2a["param_diff"] < TOL and a2a["grad_diff"] < 1e-5, a2a
+    assert a2a["w_gate_spec"] == "P('expert',)"
+    assert a2a["collectives"]["all-to-all"] == 2 * 2 * 2, a2a  # 2 MoE layers x (dispatch, return) x (fwd, bwd)
+    assert a2a["all_to_all_bytes"] > 0
+
+
+def test_all_to_all_moe_without_expert_axis_is_the_gather_capacity_layer():
+    """moe_dispatch="all_to_all" off a mesh (one device, or an expert axis of 1) runs the same per-rank code
+    on the whole batch: equal to the unsharded capacity layer, drops included."""
+    from mani_jax.models.hybrid import MoEFFN
+    from mani_jax.models.sharding import activation_sharding
+
+    base = dict(n_experts=4, top_k=2, d_ff_expert=16, capacity_factor=0.5)
+    a2a = MoEFFN(get_config("smoke", {**base, "moe_dispatch": "all_to_all"}), rngs=nnx.Rngs(0))
+    ref = MoEFFN(get_config("smoke", {**base, "moe_dispatch": "gather"}), rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 8, a2a.cfg.d_model))
+    (y1, s1), (y2, s2) = jax.jit(lambda x: (a2a(x), ref(x)))(x)
+    assert float(s1["dropped_fraction"]) > 0
+    np.testing.assert_allclose(y1, y2, rtol=1e-6, atol=1e-6)
+    assert set(s1) == set(s2)
+    for k in s1:
+        np.testing.assert_allclose(s1[k], s2[k], rtol=1e-6, atol=1e-6, err_msg=k)
+    with activation_sharding(mesh(data=8), lambda names, shape: jax.sharding.PartitionSpec()):
+        y3 = jax.jit(lambda x: a2a(x)[0])(x)  # an expert axis of 1: no shard_map
+    np.testing.assert_allclose(y3, y2, rtol=1e-6, atol=1e-6)
+
+
+def test_all_to_all_moe_errors():
+    from mani_jax.models.hybrid import MoEFFN
+    from mani_jax.models.sharding import activation_sharding
+
+    with pytest.raises(ValueError, match="ModelConfig.capacity_factor: .*moe_dispatch='all_to_all'"):
+        get_config("smoke", {"n_experts": 4, "d_ff_expert": 16, "moe_dispatch": "all_to_all"})
+    cfg = get_config("smoke", {"n_experts": 6, "d_ff_expert": 16, "capacity_factor": 3.0, "moe_dispatch": "all_to_all"})
+    layer = MoEFFN(cfg, rngs=nnx.Rngs(0))
+    with activation_sharding(mesh(data=2, expert=4), lambda names, shape: jax.sharding.PartitionSpec()):
+        with pytest.raises(ValueError, match="n_experts=6 is not divisible by the 'expert' mesh axis of size 4"):
+            layer(jnp.zeros((8, 4, cfg.d_model)))
+    with pytest.raises(ValueError, match="ModelConfig.n_experts=6"):  # the sharded step says so up front
+        check_model_config(cfg, mesh(data=2, expert=4))
 
 
 # ------------------------------------------------------------------------------ experiment and processes

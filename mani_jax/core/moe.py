@@ -232,6 +232,54 @@ def _swiglu_dense(xe: Array, w_gate: Array, w_up: Array, w_down: Array) -> Array
     return jnp.einsum("ecf,efd->ecd", h, w_down.astype(dt), preferred_element_type=acc)
 
 
+def capacity_slots(experts: Array, n_experts: int, cap: int, valid: Array | None = None
+                   ) -> tuple[Array, Array, Array, Array]:
+    """Where each assignment goes in ``[n_experts, cap]`` expert buffers (GShard Alg. 1 / Switch order).
+
+    The ``k * T`` assignments are ordered slot-major -- every token's first choice (token order), then
+    every second choice, ... -- and an assignment's position in its expert's buffer is the running count
+    of earlier assignments to that expert (cumsum of the one-hot choice). Positions ``>= cap`` are dropped.
+
+    Args:
+      experts: int ``[T, k]`` router choices. n_experts, cap: buffer shape (``cap`` from :func:`capacity`).
+      valid: optional bool ``[T]``; invalid (padding) tokens take no slot and count nowhere.
+
+    Returns:
+      ``(pos, slot, keep, counts)``: ``pos`` int32 ``[k, T]`` position in the expert's buffer (``cap`` when
+      not kept); ``slot`` int32 ``[k, T]`` flat index ``expert * cap + pos`` (``n_experts * cap``, out of
+      range, when not kept); ``keep`` bool ``[k, T]``; ``counts`` int32 ``[n_experts]``, valid assignments
+      routed to each expert before dropping.
+    """
+    t, k = experts.shape
+    e_a = experts.T.reshape(k * t).astype(jnp.int32)  # assignment a = j * T + t
+    valid_a = jnp.ones((k * t,), bool) if valid is None else jnp.tile(valid, k)
+    onehot = jax.nn.one_hot(e_a, n_experts, dtype=jnp.int32) * valid_a[:, None]  # [kT, E]
+    pos_a = jnp.sum((jnp.cumsum(onehot, axis=0) - 1) * onehot, axis=1)
+    keep_a = valid_a & (pos_a < cap)
+    pos_a = jnp.where(keep_a, pos_a, cap)  # cap == "no slot": one_hot gives a zero row, scatter drops it
+    slot_a = jnp.where(keep_a, e_a * cap + pos_a, n_experts * cap)
+    return pos_a.reshape(k, t), slot_a.reshape(k, t), keep_a.reshape(k, t), jnp.sum(onehot, axis=0)
+
+
+def slots_dispatch(xf: Array, slot: Array, n_experts: int, cap: int) -> Array:
+    """Scatter tokens ``xf [T, d]`` to their kept slots (``slot [k, T]`` from :func:`capacity_slots`):
+    ``[n_experts, cap, d]`` buffers, zero where no assignment landed."""
+    xe = jnp.zeros((n_experts * cap, xf.shape[-1]), xf.dtype)
+    for j in range(slot.shape[0]):
+        xe = xe.at[slot[j]].set(xf, mode="drop", unique_indices=False)
+    return xe.reshape(n_experts, cap, xf.shape[-1])
+
+
+def slots_combine(ye: Array, slot: Array, weights: Array, dtype) -> Array:
+    """``y_t = sum_j weights[t, j] * ye[slot[j, t]]`` in ``dtype`` (dropped slots add zero): the expert
+    outputs ``ye [n_experts, cap, d]`` gathered back to ``[T, d]`` tokens."""
+    ye = ye.reshape(-1, ye.shape[-1])
+    y = jnp.zeros((slot.shape[1], ye.shape[-1]), dtype)
+    for j in range(slot.shape[0]):
+        y = y + weights[:, j, None].astype(dtype) * ye.at[slot[j]].get(mode="fill", fill_value=0).astype(dtype)
+    return y
+
+
 def moe_capacity(
     x: Array,
     weights: Array,
@@ -291,22 +339,15 @@ def moe_capacity(
     wf = weights.reshape(t, k).astype(_router_dtype(x, weights))
     valid = _flat_mask(mask, t, bool)
 
-    # Slot-major assignment order: a = j * T + t.
-    e_a = experts.reshape(t, k).T.reshape(k * t).astype(jnp.int32)
-    valid_a = jnp.tile(valid, k)
-    onehot = jax.nn.one_hot(e_a, n_experts, dtype=jnp.int32) * valid_a[:, None]  # [kT, E]
-    pos_a = jnp.sum((jnp.cumsum(onehot, axis=0) - 1) * onehot, axis=1)  # position in its expert's buffer
-    keep_a = valid_a & (pos_a < cap)
-    pos_a = jnp.where(keep_a, pos_a, cap)  # cap == "no slot": one_hot gives a zero row, scatter drops it
-    n_valid = jnp.sum(valid_a.astype(jnp.int32))
-    n_dropped = n_valid - jnp.sum(keep_a.astype(jnp.int32))
+    pos, slot, keep, counts = capacity_slots(experts.reshape(t, k), n_experts, cap, valid)
+    n_valid = k * jnp.sum(valid.astype(jnp.int32))
+    n_dropped = n_valid - jnp.sum(keep.astype(jnp.int32))
     stats = {
         "capacity": cap,
         "n_dropped": n_dropped,
         "dropped_fraction": n_dropped.astype(jnp.float32) / jnp.maximum(n_valid, 1).astype(jnp.float32),
-        "expert_counts": jnp.sum(onehot, axis=0),
+        "expert_counts": counts,
     }
-    pos = pos_a.reshape(k, t)
     if dispatch == "einsum":
         disp = jnp.zeros((t, n_experts, cap), x.dtype)
         comb = jnp.zeros((t, n_experts, cap), wf.dtype)
@@ -320,15 +361,8 @@ def moe_capacity(
         ye = _swiglu_dense(xe, w_gate, w_up, w_down)
         y = jnp.einsum("tec,ecd->td", comb, ye, precision=hi, preferred_element_type=acc)
     else:
-        slot = (e_a * cap + pos_a).reshape(k, t)  # dropped -> >= E * C (out of range)
-        slot = jnp.where(keep_a.reshape(k, t), slot, n_experts * cap)
-        xe = jnp.zeros((n_experts * cap, d), x.dtype)
-        for j in range(k):
-            xe = xe.at[slot[j]].set(xf, mode="drop", unique_indices=False)
-        ye = _swiglu_dense(xe.reshape(n_experts, cap, d), w_gate, w_up, w_down).reshape(n_experts * cap, d)
-        y = jnp.zeros((t, d), acc)
-        for j in range(k):
-            y = y + wf[:, j, None] * ye.at[slot[j]].get(mode="fill", fill_value=0.0)
+        ye = _swiglu_dense(slots_dispatch(xf, slot, n_experts, cap), w_gate, w_up, w_down)
+        y = slots_combine(ye, slot, wf, acc)
     return y.astype(x.dtype).reshape(x.shape), stats
 
 

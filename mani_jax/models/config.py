@@ -48,7 +48,10 @@ class ModelConfig:
       shared_mlp: with experts, also a dense SwiGLU of width ``d_ff`` added to the experts' output
         (Granite-4.0-H's ``shared_mlp``).
       capacity_factor: None = dropless dispatch (sort + grouped matmul); a number = capacity-based dispatch.
-      moe_dispatch: capacity path's dispatch, ``"einsum"`` (GShard one-hot tensors) or ``"gather"``.
+      moe_dispatch: capacity path's dispatch, ``"einsum"`` (GShard one-hot tensors), ``"gather"``, or
+        ``"all_to_all"``: expert parallelism with the all-to-all written out (``shard_map`` over a sharded
+        step's ``expert`` axis, :func:`mani_jax.parallel.expert_parallel_moe`; capacity per batch shard;
+        needs ``capacity_factor``; without a mesh it computes as ``"gather"``).
       dropless_impl: dropless path's grouped matmul, ``"ragged_dot"`` (GPU/TPU) or ``"blocked"`` (CPU).
       router_aux_loss_coef: alpha of the Switch load-balancing loss added to the training loss (our loss is
         1.0 at uniform routing, so this adds ``alpha`` when balanced; Switch uses 1e-2).
@@ -154,8 +157,11 @@ class ModelConfig:
                 bad("d_ff_expert", "a positive int when n_experts > 0")
             if self.capacity_factor is not None and self.capacity_factor <= 0:
                 bad("capacity_factor", "None (dropless) or a positive number")
-            if self.moe_dispatch not in ("einsum", "gather"):
-                bad("moe_dispatch", "'einsum' or 'gather'")
+            if self.moe_dispatch not in ("einsum", "gather", "all_to_all"):
+                bad("moe_dispatch", "'einsum', 'gather' or 'all_to_all'")
+            if self.moe_dispatch == "all_to_all" and self.capacity_factor is None:
+                bad("capacity_factor", "a positive number with moe_dispatch='all_to_all' (fixed-size expert buffers "
+                    "are what the all-to-all moves; None means dropless)")
             if self.dropless_impl not in ("ragged_dot", "blocked"):
                 bad("dropless_impl", "'ragged_dot' or 'blocked'")
             for name in ("router_aux_loss_coef", "router_z_loss_coef"):

@@ -28,7 +28,7 @@ from mani_jax.models.attention_impls import chunked_ssd, full_sequence_attention
 from mani_jax.models.config import ModelConfig
 from mani_jax.models.quantize import weight_value
 from mani_jax.models.remat import remat_call
-from mani_jax.models.sharding import constrain
+from mani_jax.models.sharding import constrain, current_mesh
 
 Array = jax.Array
 Cache = dict[str, Any]
@@ -77,7 +77,10 @@ class MoEFFN(nnx.Module):
 
     Parameters: ``router.kernel [d_model, n_experts]``, ``w_gate, w_up [n_experts, d_model, d_ff_expert]``,
     ``w_down [n_experts, d_ff_expert, d_model]``. Dispatch follows the config: dropless
-    (``capacity_factor=None``, grouped matmul ``dropless_impl``) or capacity-based (``moe_dispatch``).
+    (``capacity_factor=None``, grouped matmul ``dropless_impl``) or capacity-based (``moe_dispatch``);
+    ``moe_dispatch="all_to_all"`` is expert parallelism with the all-to-all written out
+    (:func:`mani_jax.parallel.expert_parallel_moe` on the mesh of the sharded step being traced; capacity
+    per batch shard; on one device, or an ``expert`` axis of 1, the same code on the whole batch).
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -101,9 +104,15 @@ class MoEFFN(nnx.Module):
         """
         cfg = self.cfg
         w_gate, w_up, w_down = (weight_value(w, x.dtype) for w in (self.w_gate, self.w_up, self.w_down))
-        y, aux = core.moe_ffn(x, self.router.kernel[...], w_gate, w_up, w_down,
-                              top_k=cfg.top_k, capacity_factor=cfg.capacity_factor, dispatch=cfg.moe_dispatch,
-                              dropless_impl=cfg.dropless_impl)
+        if cfg.moe_dispatch == "all_to_all":  # experts over the step's 'expert' axis, tokens moved by all-to-all
+            from mani_jax.parallel.expert import expert_parallel_moe  # (lazy: mani_jax.parallel imports models)
+
+            y, aux = expert_parallel_moe(x, self.router.kernel[...], w_gate, w_up, w_down, mesh=current_mesh(),
+                                         top_k=cfg.top_k, capacity_factor=cfg.capacity_factor)
+        else:
+            y, aux = core.moe_ffn(x, self.router.kernel[...], w_gate, w_up, w_down, top_k=cfg.top_k,
+                                  capacity_factor=cfg.capacity_factor, dispatch=cfg.moe_dispatch,
+                                  dropless_impl=cfg.dropless_impl)
         stats = core.expert_utilisation(aux["experts"], aux["logits"], n_experts=cfg.n_experts,
                                         dropped_fraction=aux["dropped_fraction"])
         stats["load_balancing_loss"] = aux["load_balancing_loss"]

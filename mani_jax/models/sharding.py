@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-__all__ = ["activation_sharding", "constrain"]
+__all__ = ["activation_sharding", "constrain", "current_mesh"]
 
 _STATE = threading.local()
 
@@ -46,3 +46,14 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
         return x
     mesh, to_spec = ctx
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, to_spec(tuple(logical), tuple(x.shape))))
+
+
+def current_mesh() -> Mesh | jax.sharding.AbstractMesh | None:
+    """The mesh a sharded step is being traced on: that of the enclosing :func:`activation_sharding`
+    (:func:`mani_jax.parallel.make_sharded_train_step` opens it), else the mesh set with ``jax.set_mesh``,
+    else None. Layers that write their collectives out (``MoEFFN``'s all-to-all) read it."""
+    ctx = getattr(_STATE, "ctx", None)
+    if ctx is not None:
+        return ctx[0]
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty else mesh

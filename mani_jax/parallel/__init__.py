@@ -10,7 +10,9 @@ tensor parallel, collectives         :func:`make_tp_train_step`,                
 written out                          :mod:`~mani_jax.parallel.tensor`
 pipeline (GPipe, 1F1B), x DP x TP    :func:`make_pipeline_train_step`             manual over ``pipeline``,
                                                                                   auto over the rest
-expert parallel, all-to-all          :func:`expert_parallel_moe`                  manual (``shard_map``)
+expert parallel, all-to-all          :func:`expert_parallel_moe`; the MoE model   manual over the batch
+                                     with ``moe_dispatch="all_to_all"`` under     axes (``shard_map``)
+                                     :func:`make_sharded_train_step`
 remat per block                      ``ModelConfig.remat``                        --
 multi-process                        :func:`initialize_distributed`               --
 ===================================  ===========================================  ==========================

@@ -23,8 +23,10 @@ shardings and inserts the collectives. (Without the activation constraints GSPMD
 * **tensor parallel by annotation** (``MeshConfig(tensor=N)``): the Megatron column/row splits of
   :data:`~mani_jax.parallel.rules.LOGICAL_RULES` as parameter shardings; GSPMD finds the all-reduce after
   each row-parallel matmul. (The explicit version is :mod:`mani_jax.parallel.tensor`.)
-* **expert parallel by annotation** (``MeshConfig(expert=N)``): stacked expert weights split on their
-  expert axis, tokens on the batch axes.
+* **expert parallel** (``MeshConfig(expert=N)``): stacked expert weights split on their expert axis, tokens
+  on the batch axes. With ``ModelConfig.moe_dispatch="all_to_all"`` the MoE layers are a ``shard_map``
+  with the two all-to-alls written out (:mod:`mani_jax.parallel.expert`; they find this step's mesh through
+  the activation-sharding context); with any other dispatch GSPMD chooses the collectives.
 """
 
 from __future__ import annotations

@@ -192,7 +192,8 @@ def _moe(p: Params, x, cfg: ModelConfig):
     routes identically, runs its slice of each expert, and the partial outputs are summed."""
     y, aux = core.moe_ffn(x, p["router"]["kernel"], p["w_gate"].astype(x.dtype), p["w_up"].astype(x.dtype),
                           p["w_down"].astype(x.dtype), top_k=cfg.top_k, capacity_factor=cfg.capacity_factor,
-                          dispatch=cfg.moe_dispatch, dropless_impl=cfg.dropless_impl)
+                          dispatch="gather" if cfg.moe_dispatch == "all_to_all" else cfg.moe_dispatch,
+                          dropless_impl=cfg.dropless_impl)  # all_to_all: no expert axis here, its local form
     return jax.lax.psum(y, AXIS), (aux["load_balancing_loss"], aux["router_z_loss"])
 
 
