@@ -191,7 +191,7 @@ def test_kernels_bench_refuses_cpu_and_smokes_in_interpret_mode(tmp_path):
     on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert on_disk["timed"] is False and (tmp_path / "run" / "kernels_bench.png").exists()
     assert {r["system"] for r in s["ssd"]} == {"ours", "xla"} and {r["system"] for r in s["paged"]} == {
-        "ours", "ours-int8", "xla"}
+        "ours", "ours-int8", "xla", "jax-pallas"}  # JAX's deprecated kernel runs in interpret mode too
     for r in s["ssd"] + s["paged"]:
         assert "error" not in r, r
     ours = next(r for r in s["ssd"] if r["system"] == "ours")
