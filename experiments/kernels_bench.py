@@ -229,7 +229,6 @@ def paged_rows(cfg: BenchConfig, interpret: bool, rng) -> list[dict]:
             # Reference on the first two rows only (the gather reference copies the whole cache).
             r2 = min(b, 2)
             ref = core.paged_attention(q[:r2].astype(jnp.float32), k, v, tables[:r2], lengths[:r2])
-            kq = vq = ks = vs = None
             for name in cfg.systems_paged:
                 row = {**base, "system": name}
                 try:
@@ -238,8 +237,7 @@ def paged_rows(cfg: BenchConfig, interpret: bool, rng) -> list[dict]:
                         f = jax.jit(lambda q, k, v, t, l: paged_attention(q, k, v, t, l, interpret=interpret))
                         args = (q, k, v, tables, lengths)
                     elif name == "ours-int8":
-                        if kq is None:
-                            (kq, ks), (vq, vs) = quantize_pages(k), quantize_pages(v)
+                        (kq, ks), (vq, vs) = quantize_pages(k), quantize_pages(v)
                         f = jax.jit(lambda q, k, v, t, l, ks, vs: paged_attention(
                             q, k, v, t, l, k_scales=ks, v_scales=vs, interpret=interpret))
                         args = (q, kq, vq, tables, lengths, ks, vs)
@@ -271,7 +269,10 @@ def paged_rows(cfg: BenchConfig, interpret: bool, rng) -> list[dict]:
                     row["gbps"] = nbytes / row["s"] / 1e9
                 except Exception as e:
                     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                finally:  # drop this system's copies (int8 pages, transposed pages) before the next one
+                    f = args = out = kq = vq = kt = vt = None
                 rows.append(row)
+            q = k = v = None
     return rows
 
 
