@@ -1,6 +1,7 @@
 """Activations used by the model family.
 
-Source: Shazeer 2020, "GLU Variants Improve Transformer" (SwiGLU, eq. 6); SiLU (Elfwing et al. 2018).
+Source: Shazeer 2020, "GLU Variants Improve Transformer" (SwiGLU, eq. 6); SiLU (Elfwing et al. 2018); GELU
+(Hendrycks & Gimpel 2016).
 """
 
 from __future__ import annotations
@@ -14,6 +15,12 @@ Array = jax.Array
 def silu(x: Array) -> Array:
     """``x * sigmoid(x)``, elementwise, same shape and dtype."""
     return jax.nn.silu(x)
+
+
+def gelu(x: Array) -> Array:
+    """Exact GELU ``x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2))`` (not the tanh approximation), elementwise;
+    ``torch.nn.functional.gelu``'s default and Whisper's activation."""
+    return jax.nn.gelu(x, approximate=False)
 
 
 def swiglu(gate: Array, up: Array) -> Array:

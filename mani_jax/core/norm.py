@@ -1,4 +1,4 @@
-"""RMSNorm and the gated, grouped RMSNorm of Mamba-2.
+"""RMSNorm, LayerNorm, and the gated, grouped RMSNorm of Mamba-2.
 
 Sources: Zhang & Sennrich 2019 (RMSNorm, eq. 4); Dao & Gu 2024 (Mamba-2, Sec. 7: the gate ``y * silu(z)``
 before a normalisation computed per group of ``d_inner / n_groups`` channels), as llama.cpp's
@@ -29,6 +29,28 @@ def rms_norm(x: Array, weight: Array, eps: float = 1e-6) -> Array:
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return (y * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+def layer_norm(x: Array, weight: Array, bias: Array, eps: float = 1e-5) -> Array:
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` over the last axis (biased variance), in float32,
+    cast back to ``x.dtype``. Ba et al. 2016, eq. 4; ``torch.nn.LayerNorm`` (Whisper's norm).
+
+    Args:
+      x: ``[..., d]``.
+      weight, bias: ``[d]``.
+      eps: added to the variance.
+
+    Raises:
+      ValueError: if ``weight`` or ``bias`` is not ``[d]``.
+    """
+    d = x.shape[-1]
+    if weight.shape != (d,) or bias.shape != (d,):
+        raise ValueError(f"weight, bias: expected shape ({d},), got {weight.shape} and {bias.shape}")
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    xc = x32 - mean
+    y = xc * jax.lax.rsqrt(jnp.mean(xc * xc, axis=-1, keepdims=True) + eps)
+    return (y * weight.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
 
 
 def gated_rms_norm(y: Array, z: Array, weight: Array, *, n_groups: int = 1, eps: float = 1e-6) -> Array:

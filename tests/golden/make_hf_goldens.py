@@ -15,6 +15,9 @@ For every tiny config below this writes tests/golden/<name>/ with
                          layer_outputs float32 [L, 2, T, H]  (output of each decoder layer, before final norm)
                          final_hidden  float32 [2, T, H]  (after the final RMSNorm, before lm_head)
 
+``whisper_tiny/`` (``make_whisper``) is an encoder-decoder: its golden.npz holds audio, feature-extractor
+features, encoder output, logits and greedy tokens instead (see README.md).
+
 All parameters are randomized from a fixed torch seed so the logits are non-trivial.
 The script re-loads every saved model with ``from_pretrained`` and checks it reproduces the logits.
 """
@@ -36,6 +39,9 @@ from transformers import (
     MixtralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    WhisperConfig,
+    WhisperFeatureExtractor,
+    WhisperForConditionalGeneration,
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -405,8 +411,175 @@ def make_one(name: str, seed: int) -> dict:
     }
 
 
+# --- Whisper (encoder-decoder ASR): its own maker, seeded after the causal LMs above -------------------------
+
+WHISPER_SEED = 1234 + 100
+# Special tokens of the tiny vocabulary (real Whisper: eot 50257, sot 50258, <|hi|> 50276, transcribe 50359,
+# translate 50358, notimestamps 50363).
+W_EOT, W_SOT, W_HI, W_TRANSCRIBE, W_NOTIMESTAMPS, W_TRANSLATE = 100, 101, 102, 103, 104, 105
+W_PREFIX = [W_SOT, W_HI, W_TRANSCRIBE, W_NOTIMESTAMPS]
+W_MAX_NEW = 16
+W_SUPPRESS = [18, 42]  # suppressed at every step (Whisper's suppress_tokens); 18 is greedy's choice in row 0
+W_BEGIN_SUPPRESS = [W_EOT, 8]  # suppressed at the first generated step (begin_suppress_tokens); 8 is greedy's
+
+
+def whisper_config() -> WhisperConfig:
+    return WhisperConfig(
+        vocab_size=108,
+        num_mel_bins=80,
+        d_model=32,
+        encoder_layers=2,
+        encoder_attention_heads=4,  # head_dim 8
+        decoder_layers=2,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=48,
+        max_source_positions=50,  # 100 mel frames = a 1 s window (chunk_length=1)
+        max_target_positions=32,
+        activation_function="gelu",
+        scale_embedding=False,
+        pad_token_id=W_EOT,
+        bos_token_id=W_EOT,
+        eos_token_id=W_EOT,
+        decoder_start_token_id=W_SOT,
+        begin_suppress_tokens=None,
+        suppress_tokens=None,
+        tie_word_embeddings=True,
+    )
+
+
+def whisper_audio(gen: torch.Generator) -> list[np.ndarray]:
+    """Two clips at 16 kHz: 1.0 s of noise with a chirp (fills the 1 s window), and 0.6 s of quieter noise with a
+    tone (padded by the feature extractor)."""
+    t = np.arange(16000) / 16000.0
+    a = 0.3 * torch.randn(16000, generator=gen).numpy() + 0.5 * np.sin(2 * np.pi * (200 + 1500 * t) * t)
+    t2 = np.arange(9600) / 16000.0
+    b = 0.05 * torch.randn(9600, generator=gen).numpy() + 0.2 * np.sin(2 * np.pi * 440 * t2)
+    return [a.astype(np.float32), b.astype(np.float32)]
+
+
+def make_whisper(name: str = "whisper_tiny", seed: int = WHISPER_SEED) -> dict:
+    """tests/golden/whisper_tiny/: a tiny random WhisperForConditionalGeneration, its feature extractor's
+    features of two clips, encoder output, logits for the forced prefix plus random tokens, and greedy tokens."""
+    torch.manual_seed(seed)
+    config = whisper_config()
+    model = WhisperForConditionalGeneration(config).to(torch.float32).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():  # deduplicates the tied proj_out
+            leaf = pname.split(".")[-1]
+            if pname == "model.encoder.embed_positions.weight":
+                continue  # the fixed sinusoids (WhisperPreTrainedModel._init_weights); never trained
+            # Scales chosen so greedy decoding is not one repeated token: token embeddings of equal norm (no
+            # token favoured by the tied output head), large learned positions, small biases.
+            if "layer_norm" in pname:
+                val = (1.0 + 0.15 * torch.randn(p.shape, generator=gen)) if leaf == "weight" else \
+                    0.05 * torch.randn(p.shape, generator=gen)
+            elif leaf == "bias":
+                val = 0.05 * torch.randn(p.shape, generator=gen)
+            elif "conv" in pname:  # [out, in, 3]
+                val = torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[1] * p.shape[2])
+            elif "embed_tokens" in pname:  # rows of norm 0.5 * sqrt(d_model)
+                val = torch.randn(p.shape, generator=gen)
+                val = 0.5 * math.sqrt(p.shape[1]) * val / val.norm(dim=1, keepdim=True)
+            elif "embed_positions" in pname:  # decoder's learned positions
+                val = 2.0 * torch.randn(p.shape, generator=gen)
+            elif p.ndim == 2:
+                val = torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[1])
+            else:
+                raise ValueError(f"unhandled parameter {pname} {tuple(p.shape)}")
+            p.copy_(val)
+    assert model.proj_out.weight.data_ptr() == model.model.decoder.embed_tokens.weight.data_ptr(), "not tied"
+    assert model.model.encoder.layers[0].self_attn.k_proj.bias is None
+
+    audio = whisper_audio(gen)
+    fe1 = WhisperFeatureExtractor(feature_size=80, chunk_length=1)  # the model's 1 s window
+    feats = fe1(audio, sampling_rate=16000, return_tensors="np").input_features.astype(np.float32)
+    feats_np = np.stack([fe1._np_extract_fbank_features(np.pad(x, (0, 16000 - len(x)))[None], "cpu")[0]
+                         for x in audio]).astype(np.float32)
+    # The default 30 s window (80 bins; first 110 frames, past the end of the 1 s clip) and a 5 s window with
+    # 128 bins (large-v3's; first 60 frames).
+    mel80_30s = WhisperFeatureExtractor()(audio, sampling_rate=16000, return_tensors="np").input_features
+    mel128_5s = WhisperFeatureExtractor(feature_size=128, chunk_length=5)(
+        audio, sampling_rate=16000, return_tensors="np").input_features
+    assert feats.shape == (2, 80, 100) and mel80_30s.shape == (2, 80, 3000) and mel128_5s.shape == (2, 128, 500)
+
+    x = torch.from_numpy(feats)
+    dec_ids = torch.cat([torch.tensor([W_PREFIX] * 2),
+                         torch.randint(0, W_EOT, (2, 9), generator=gen)], dim=1)  # [2, 13]
+    with torch.no_grad():
+        out = model(input_features=x, decoder_input_ids=dec_ids, use_cache=False)
+        enc = model.model.encoder(x).last_hidden_state
+    logits = out.logits
+    assert torch.isfinite(logits).all() and logits.shape == (2, 13, config.vocab_size)
+
+    # Greedy: plain GenerationMixin.generate with the forced prefix as decoder_input_ids (no logit processors).
+    from transformers import GenerationConfig, GenerationMixin
+    gc = GenerationConfig(max_new_tokens=W_MAX_NEW, do_sample=False, num_beams=1, eos_token_id=W_EOT,
+                          pad_token_id=W_EOT, decoder_start_token_id=W_SOT)
+    prefix = torch.tensor([W_PREFIX] * 2)
+    with torch.no_grad():
+        greedy = GenerationMixin.generate(model, input_features=x, decoder_input_ids=prefix, generation_config=gc)
+    # Whisper's own generate: language="hi", task="transcribe", no timestamps, with suppress lists.
+    wgc = GenerationConfig(max_new_tokens=W_MAX_NEW, do_sample=False, num_beams=1, eos_token_id=W_EOT,
+                           pad_token_id=W_EOT, decoder_start_token_id=W_SOT, bos_token_id=W_EOT,
+                           suppress_tokens=W_SUPPRESS, begin_suppress_tokens=W_BEGIN_SUPPRESS)
+    wgc.lang_to_id = {"<|hi|>": W_HI}
+    wgc.task_to_id = {"transcribe": W_TRANSCRIBE, "translate": W_TRANSLATE}
+    wgc.no_timestamps_token_id = W_NOTIMESTAMPS
+    wgc.is_multilingual = True
+    model.generation_config = wgc
+    with torch.no_grad():
+        wout = model.generate(x, language="hi", task="transcribe", return_timestamps=False,
+                              max_new_tokens=W_MAX_NEW)
+    wseq = wout.sequences if hasattr(wout, "sequences") else wout
+
+    out_dir = os.path.join(HERE, name)
+    os.makedirs(out_dir, exist_ok=True)
+    model.generation_config = GenerationConfig(decoder_start_token_id=W_SOT, eos_token_id=W_EOT)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    for extra in ("generation_config.json",):
+        path = os.path.join(out_dir, extra)
+        if os.path.exists(path):
+            os.remove(path)
+    for f in os.listdir(out_dir):
+        os.chmod(os.path.join(out_dir, f), 0o644)
+    np.savez(
+        os.path.join(out_dir, "golden.npz"),
+        audio0=audio[0], audio1=audio[1],
+        input_features=feats,
+        mel80_30s_head=mel80_30s[:, :, :110].astype(np.float32),
+        mel128_5s_head=mel128_5s[:, :, :60].astype(np.float32),
+        decoder_input_ids=dec_ids.numpy().astype(np.int32),
+        logits=logits.numpy().astype(np.float32),
+        encoder_output=enc.numpy().astype(np.float32),
+        prefix=np.asarray(W_PREFIX, np.int32),
+        greedy_tokens=greedy.numpy().astype(np.int32),
+        whisper_generate_tokens=wseq.numpy().astype(np.int32),
+        suppress_tokens=np.asarray(W_SUPPRESS, np.int32),
+        begin_suppress_tokens=np.asarray(W_BEGIN_SUPPRESS, np.int32),
+    )
+    reloaded = WhisperForConditionalGeneration.from_pretrained(out_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        err = (reloaded(input_features=x, decoder_input_ids=dec_ids, use_cache=False).logits - logits).abs().max()
+    assert err.item() == 0.0, f"{name}: reloaded model differs by {err.item()}"
+    eager = WhisperForConditionalGeneration.from_pretrained(out_dir, dtype=torch.float32,
+                                                            attn_implementation="eager").eval()
+    with torch.no_grad():
+        err_eager = (eager(input_features=x, decoder_input_ids=dec_ids, use_cache=False).logits - logits).abs().max()
+    assert err_eager.item() < 1e-4
+    return {
+        "name": name, "attn_impl": model.config._attn_implementation,
+        "logits_std": float(logits.std()), "logits_absmax": float(logits.abs().max()),
+        "encoder_absmax": float(enc.abs().max()), "eager_vs_default_maxdiff": err_eager.item(),
+        "features_torch_vs_numpy_maxdiff": float(np.abs(feats - feats_np).max()),
+        "greedy": greedy.tolist(), "whisper_generate": wseq.tolist(),
+        "files": {f: os.path.getsize(os.path.join(out_dir, f)) for f in sorted(os.listdir(out_dir))},
+    }
+
+
 def main(argv: list[str]) -> None:
-    names = argv or list(MODELS)
+    names = argv or list(MODELS) + ["whisper_tiny"]
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, numpy {np.__version__}")
     torch.use_deterministic_algorithms(True)
     for i, name in enumerate(MODELS):
@@ -414,6 +587,8 @@ def main(argv: list[str]) -> None:
             continue
         info = make_one(name, seed=1234 + i)
         print(json.dumps(info))
+    if "whisper_tiny" in names:
+        print(json.dumps(make_whisper()))
 
 
 if __name__ == "__main__":

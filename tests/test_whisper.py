@@ -1,0 +1,262 @@
+"""mani_jax.models.whisper against Hugging Face transformers goldens (tests/golden/whisper_tiny, made by
+make_hf_goldens.py; no torch here): features, encoder output, logits, greedy tokens; plus cache, beam search
+and error checks."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from mani_jax.models import whisper as W
+
+GOLDEN = Path(__file__).parent / "golden" / "whisper_tiny"
+EOT = 100
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return dict(np.load(GOLDEN / "golden.npz"))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return W.load_hf_whisper(GOLDEN)
+
+
+def _rel(a, ref):
+    return float(np.abs(np.asarray(a) - ref).max() / np.abs(ref).max())
+
+
+def _audio(g):
+    return [g["audio0"], g["audio1"]]
+
+
+def test_config_translation_and_presets():
+    cfg = W.whisper_config_from_hf(json.loads((GOLDEN / "config.json").read_text()))
+    assert (cfg.vocab_size, cfg.n_mels, cfg.d_model, cfg.n_encoder_layers, cfg.n_decoder_heads) == (108, 80, 32, 2, 4)
+    assert (cfg.n_audio_ctx, cfg.n_text_ctx, cfg.eos_token_id, cfg.decoder_start_token_id) == (50, 32, 100, 101)
+    # Hugging Face num_parameters() of openai/whisper-tiny and -base (they count the encoder's sinusoids).
+    for name, n in (("tiny", 37_760_640), ("base", 72_593_920)):
+        c = W.get_whisper_config(name)
+        assert W.count_whisper_params(c) + c.n_audio_ctx * c.d_model == n
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(d_model=30, n_encoder_heads=4), "n_encoder_heads"),
+    (dict(n_decoder_layers=0), "n_decoder_layers"),
+    (dict(vocab_size=100, eos_token_id=100), "eos_token_id"),
+    (dict(param_dtype="float16"), "param_dtype"),
+    (dict(norm_eps=0.0), "norm_eps"),
+])
+def test_bad_config_names_the_field(kw, field):
+    with pytest.raises(ValueError, match=f"WhisperConfig.{field}"):
+        W.WhisperConfig(**kw)
+    with pytest.raises(ValueError, match="model_type"):
+        W.whisper_config_from_hf({"model_type": "qwen2"})
+
+
+def test_mel_filters_are_slaney():
+    f = W.mel_filters(80)
+    assert f.shape == (80, 201) and f.dtype == np.float32 and (f >= 0).all()
+    # Slaney area normalisation: each triangle integrates (over Hz) to ~1 at the 40 Hz FFT bin spacing.
+    area = f.sum(1) * 40.0
+    assert np.allclose(area[10:], 1.0, atol=0.1)
+    assert W.mel_filters(128).shape == (128, 201)
+
+
+def test_log_mel_matches_feature_extractor(golden):
+    audio = _audio(golden)
+    # The model's 1 s window (WhisperFeatureExtractor(chunk_length=1)); a batch of clips of different lengths.
+    batch = np.stack([a if len(a) == 16000 else np.pad(a, (0, 16000 - len(a))) for a in audio])
+    feats = np.asarray(W.log_mel_spectrogram(batch, window_s=1.0))
+    assert feats.shape == (2, 80, 100) and feats.dtype == np.float32
+    assert np.abs(feats - golden["input_features"]).max() < 1e-4
+    # Default 30 s window, 80 bins (first 110 frames: past the end of the 1 s clip), one clip at a time.
+    for i, a in enumerate(audio):
+        full = np.asarray(W.log_mel_spectrogram(a))
+        assert full.shape == (80, 3000)
+        assert np.abs(full[:, :110] - golden["mel80_30s_head"][i]).max() < 1e-4
+    # A 5 s window with 128 bins (large-v3's): the 0.6 s clip padded to 5 s.
+    m128 = np.asarray(W.log_mel_spectrogram(audio[1][None], n_mels=128, window_s=5.0))
+    assert m128.shape == (1, 128, 500)
+    assert np.abs(m128[0, :, :60] - golden["mel128_5s_head"][1]).max() < 1e-4
+    # Trimming: audio longer than the window is cut.
+    assert np.allclose(np.asarray(W.log_mel_spectrogram(np.tile(audio[0], 2), window_s=1.0)), feats[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("audio, match", [
+    (np.zeros((2, 3, 100), np.float32), "audio: expected float"),
+    (np.zeros((0,), np.float32), "audio: expected float"),
+    (np.zeros((1600,), np.int16), "dtype"),
+])
+def test_bad_audio_is_rejected(audio, match):
+    with pytest.raises(ValueError, match=match):
+        W.log_mel_spectrogram(audio)
+
+
+def test_bad_window_is_rejected():
+    with pytest.raises(ValueError, match="window_s"):
+        W.log_mel_spectrogram(np.zeros(1600, np.float32), window_s=0.015)  # not a whole number of hops
+    with pytest.raises(ValueError, match="window_s"):
+        W.window_frames(0.01)  # 1 frame: odd
+
+
+def test_encoder_and_logits_match_transformers(model, golden):
+    feats = jnp.asarray(golden["input_features"])
+    enc = model.encode(feats)
+    assert enc.shape == golden["encoder_output"].shape
+    assert _rel(enc, golden["encoder_output"]) <= 1e-4
+    logits = model(feats, jnp.asarray(golden["decoder_input_ids"]))
+    assert logits.shape == golden["logits"].shape and logits.dtype == jnp.float32
+    assert _rel(logits, golden["logits"]) <= 1e-4
+
+
+def test_cached_decoding_equals_uncached(model, golden):
+    feats = jnp.asarray(golden["input_features"])
+    ids = jnp.asarray(golden["decoder_input_ids"])
+    cache = model.init_cache(model.encode(feats), ids.shape[1])
+    logits, cache = model.prefill(ids[:, :4], cache)
+    outs = [np.asarray(logits)]
+    for t in range(4, ids.shape[1]):
+        step, cache = model.decode_step(ids[:, t], cache)
+        outs.append(np.asarray(step)[:, None])
+    assert int(cache["pos"]) == ids.shape[1]
+    cached = np.concatenate(outs, 1)
+    assert _rel(cached, np.asarray(model(feats, ids))) <= 1e-5
+    assert _rel(cached, golden["logits"]) <= 1e-4
+
+
+def test_greedy_matches_transformers_generate(model, golden):
+    feats = jnp.asarray(golden["input_features"])
+    prefix = golden["prefix"]  # <|startoftranscript|><|hi|><|transcribe|><|notimestamps|>
+    toks = np.asarray(W.greedy_decode(model, feats, prefix, max_new_tokens=16))
+    # GenerationMixin.generate(decoder_input_ids=prefix): the prefix, then 16 tokens padded with eos.
+    ref = golden["greedy_tokens"]
+    assert (ref[:, :4] == prefix).all()
+    np.testing.assert_array_equal(toks, ref[:, 4:])
+    assert EOT in toks[0] and EOT not in toks[1]  # one row ends early, the other runs to the limit
+    # WhisperForConditionalGeneration.generate(language="hi", task="transcribe", return_timestamps=False)
+    # with suppress_tokens and begin_suppress_tokens in its generation config.
+    sup = W.greedy_decode(model, feats, prefix, max_new_tokens=16, suppress_tokens=golden["suppress_tokens"],
+                          begin_suppress_tokens=golden["begin_suppress_tokens"])
+    np.testing.assert_array_equal(np.asarray(sup), golden["whisper_generate_tokens"])
+    assert W.trim_at_eos(toks, EOT)[0] == [8, 5, 18, 18, 18, 18, 18, 13]
+
+
+def _reference_beam(fwd, feats, prefix, k, n):
+    """openai-whisper's BeamSearchDecoder written the plain way (Python dicts of sequences, the uncached forward
+    ``fwd`` at every step) for one clip; returns the finished sequences with their sum of log-probabilities."""
+    plen = len(prefix)
+    live = {tuple(prefix): 0.0}
+    finished: dict[tuple, float] = {}
+    for i in range(n):
+        seqs = list(live)
+        padded = np.full((k, plen + n), EOT, np.int32)  # fixed shape: one compile
+        for r, s in enumerate(seqs):
+            padded[r, :len(s)] = s
+        lp = np.asarray(fwd(jnp.repeat(feats, k, 0), jnp.asarray(padded)))[:, plen + i - 1]
+        scores = {}
+        for r, s in enumerate(seqs):
+            for tok in np.argsort(-lp[r], kind="stable")[: k + 1]:
+                scores[s + (int(tok),)] = live[s] + float(lp[r, tok])
+        live, newly = {}, {}
+        for s in sorted(scores, key=scores.get, reverse=True):
+            if s[-1] == EOT:
+                newly[s] = scores[s]
+            else:
+                live[s] = scores[s]
+                if len(live) == k:
+                    break
+        for s in sorted(newly, key=newly.get, reverse=True):
+            if len(finished) >= k:
+                break
+            finished[s] = newly[s]
+        if len(finished) >= k:
+            break
+    for s in sorted(live, key=live.get, reverse=True):
+        if len(finished) >= k:
+            break
+        finished[s + (EOT,)] = live[s]
+    return finished
+
+
+def _rank(finished, plen, length_penalty):
+    """MaximumLikelihoodRanker: the best ``sum_logprob / penalty``."""
+    def penalised(s):
+        length = max(len(s) - plen - 1, 1)
+        pen = length if length_penalty is None else ((5 + length) / 6) ** length_penalty
+        return finished[s] / pen
+
+    best = max(finished, key=penalised)
+    return list(best[plen:-1]), finished[best]
+
+
+def test_beam_search(model, golden):
+    feats = jnp.asarray(golden["input_features"])
+    prefix = golden["prefix"]
+    greedy = np.asarray(W.greedy_decode(model, feats, prefix, max_new_tokens=16))
+    one, _ = W.beam_search(model, feats, prefix, beam_size=1, max_new_tokens=16)
+    np.testing.assert_array_equal(np.asarray(one), greedy)
+    k, n = 3, 10
+    fwd = jax.jit(lambda f, t: jax.nn.log_softmax(model(f, t), axis=-1))
+    refs = [_reference_beam(fwd, feats[row:row + 1], list(prefix), k, n) for row in range(2)]
+    for lp in (None, 1.0):
+        toks, scores = W.beam_search(model, feats, prefix, beam_size=k, max_new_tokens=n, length_penalty=lp)
+        for row in range(2):
+            ref_toks, ref_score = _rank(refs[row], len(prefix), lp)
+            assert W.trim_at_eos(np.asarray(toks)[row:row + 1], EOT)[0] == ref_toks
+            assert math.isclose(float(scores[row]), ref_score, rel_tol=1e-4, abs_tol=1e-4)
+
+
+def test_short_window_and_bad_shapes(model, golden):
+    feats = jnp.asarray(golden["input_features"])
+    assert model.encode(feats[:, :, :60]).shape == (2, 30, 32)  # a shorter window: positions sliced
+    with pytest.raises(ValueError, match="n_frames must be even"):
+        model.encode(feats[:, :, :59])
+    with pytest.raises(ValueError, match="n_frames must be even"):
+        model.encode(jnp.zeros((1, 80, 102)))  # longer than 2 * n_audio_ctx
+    with pytest.raises(ValueError, match="n_mels=80"):
+        model.encode(jnp.zeros((1, 128, 100)))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        W.greedy_decode(model, feats, golden["prefix"], max_new_tokens=29)  # 4 + 29 > n_text_ctx = 32
+    with pytest.raises(ValueError, match="prefix"):
+        W.greedy_decode(model, feats, np.zeros((3, 4), np.int32))
+    with pytest.raises(ValueError, match="suppress_tokens"):
+        W.greedy_decode(model, feats, golden["prefix"], max_new_tokens=8, suppress_tokens=[500])
+    with pytest.raises(ValueError, match="beam_size"):
+        W.beam_search(model, feats, golden["prefix"], beam_size=0)
+
+
+def test_forced_prefix(model):
+    g = {"decoder_start_token_id": 101, "lang_to_id": {"<|hi|>": 102}, "task_to_id": {"transcribe": 103},
+         "no_timestamps_token_id": 104}
+    assert W.forced_prefix(g, "hi") == [101, 102, 103, 104]
+    with pytest.raises(ValueError, match="language"):
+        W.forced_prefix(g, "xx")
+    assert model.generation == {}  # the golden directory has no generation_config.json
+
+
+def test_loader_names_bad_tensors(tmp_path):
+    d = tmp_path / "w"
+    shutil.copytree(GOLDEN, d)
+    tensors = load_file(d / "model.safetensors")
+    name = "model.decoder.layers.1.encoder_attn.q_proj.bias"
+    gone = tensors.pop(name)
+    save_file(tensors, d / "model.safetensors")
+    with pytest.raises(ValueError, match=name):
+        W.load_hf_whisper(d)
+    tensors[name] = np.concatenate([gone, gone])
+    save_file(tensors, d / "model.safetensors")
+    with pytest.raises(ValueError, match="shape"):
+        W.load_hf_whisper(d)
+    tensors[name] = gone
+    tensors["model.encoder.embed_positions.weight"] = np.zeros((50, 32), np.float32)
+    save_file(tensors, d / "model.safetensors")
+    with pytest.raises(ValueError, match="sinusoids"):
+        W.load_hf_whisper(d)
