@@ -390,3 +390,7 @@ def test_ct2_whisper_base_matches_ctranslate2(tmp_path):
                                          begin_suppress_tokens=m.generation["begin_suppress_tokens"]),
                          m.config.eos_token_id)[0]
     assert len(ct_toks) >= 4 and ours[:len(ct_toks)] == ct_toks
+    tok = W.load_whisper_tokenizer()
+    assert tok.decode(prefix, skip_special_tokens=False) == "<|startoftranscript|><|hi|><|transcribe|><|notimestamps|>"
+    text = "अभी कितने बजे हैं"
+    assert tok.decode(tok.encode(text).ids) == text

