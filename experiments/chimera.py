@@ -74,8 +74,10 @@ class ChimeraConfig:
     ``reasoning_digits``); SFT trains on ``sft_problems`` training-split problems of the same steps and digits.
     ``few_shot`` exemplars (1-2 step problems) prompt the base model, fewer when the prompt would not fit
     ``max_seq_len``. Replies are decoded greedily up to ``max_new_tokens``. DPO samples ``dpo_samples`` replies
-    at ``dpo_temperature`` for each of ``dpo_problems`` training problems and keeps up to
-    ``dpo_pairs_per_problem`` (correct, wrong) pairs per problem; ``dpo_beta`` is DPO's beta. The KL to the
+    at ``dpo_temperature`` for each of ``dpo_problems`` training problems with ``dpo_problem_steps`` steps (the
+    harder ones, where the SFT model is sometimes right and sometimes wrong) and keeps up to
+    ``dpo_pairs_per_problem`` (correct, wrong) pairs per problem; ``dpo_beta`` is DPO's beta. DPO runs
+    ``dpo_epochs`` passes over the pairs (at most ``dpo.steps`` steps; 0 = exactly ``dpo.steps``). The KL to the
     reference is measured on ``kl_problems`` replies sampled from the DPO policy. ``dpo_gold_fallback`` pairs the
     reference solution (chosen) with a wrong sample for problems whose samples are all wrong (off-policy; only
     the smoke preset, whose SFT model is never right, uses it). The held-out problems run in llama.cpp from the
@@ -95,24 +97,26 @@ class ChimeraConfig:
     train: TrainConfig = TrainConfig()
     # reasoning data and evaluation
     tokenizer_problems: int = 4000
-    reasoning_steps: tuple[int, ...] = (1, 2, 3, 4)
-    reasoning_digits: tuple[int, ...] = (1, 2)
-    eval_per_difficulty: int = 50
+    reasoning_steps: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
+    reasoning_digits: tuple[int, ...] = (1,)
+    eval_per_difficulty: int = 100
     few_shot: int = 3
     max_new_tokens: int = 96
     eval_batch: int = 32
     # supervised fine-tuning
     sft_problems: int = 20000
-    sft: TrainConfig = TrainConfig(steps=300, batch_size=16, seq_len=256, learning_rate=1e-3, warmup_steps=20,
-                                   weight_decay=0.0, log_every=10)
+    sft: TrainConfig = TrainConfig(steps=1600, batch_size=4, seq_len=256, learning_rate=1.5e-3, warmup_steps=50,
+                                   weight_decay=0.0, log_every=25, eval_every=400)
     # DPO
-    dpo_problems: int = 256
+    dpo_problems: int = 512
+    dpo_problem_steps: tuple[int, ...] = (3, 4, 5, 6)
     dpo_samples: int = 4
     dpo_temperature: float = 1.0
-    dpo_pairs_per_problem: int = 1
+    dpo_pairs_per_problem: int = 2
     dpo_beta: float = 0.1
+    dpo_epochs: float = 2.0
     dpo_gold_fallback: bool = False
-    dpo: TrainConfig = TrainConfig(steps=60, batch_size=8, seq_len=256, learning_rate=1e-5, warmup_steps=5,
+    dpo: TrainConfig = TrainConfig(steps=200, batch_size=8, seq_len=256, learning_rate=5e-5, warmup_steps=5,
                                    weight_decay=0.0, log_every=5)
     kl_problems: int = 64
     chat_gguf_quant: str = "f16"
@@ -127,7 +131,8 @@ PRESETS: dict[str, ChimeraConfig] = {
         max_new_tokens=40, eval_batch=8, sft_problems=400,
         sft=TrainConfig(steps=30, batch_size=8, seq_len=128, learning_rate=3e-3, warmup_steps=5, weight_decay=0.0,
                         log_every=10),
-        dpo_problems=8, dpo_samples=2, dpo_temperature=1.5, dpo_gold_fallback=True,
+        dpo_problems=8, dpo_problem_steps=(1, 2), dpo_samples=2, dpo_temperature=1.5, dpo_epochs=0.0,
+        dpo_gold_fallback=True,
         dpo=TrainConfig(steps=4, batch_size=2, seq_len=128, learning_rate=1e-4, warmup_steps=1, weight_decay=0.0,
                         log_every=2),
         kl_problems=2),
@@ -250,6 +255,9 @@ def run(cfg: ChimeraConfig, out: Path, *, preset: str, stages: tuple[str, ...] |
         if model_overrides:
             raise ValueError("model.* overrides apply only when the pretrain stage runs")
         summary, model_cfg = _read_summary(out), None
+        if summary.get("preset") != preset:
+            raise ValueError(f"--preset {preset}: {out} was pretrained with --preset {summary.get('preset')}; pass "
+                             "that preset (change stage settings with --set)")
     summary.setdefault("accuracy", {})
     summary["stage_seconds"] = dict(summary.get("stage_seconds", {}))
     state: dict = {}  # what one stage hands the next in this process: model, tokenizer, engine, ...
@@ -306,8 +314,8 @@ def _run_stages(cfg, out, preset, stages, model_cfg, resume, cache_dir, summary,
             summary.update(export_all_stage(cfg, out, preset, summary, cache_dir, state))
         summary["stage_seconds"][stage] = time.perf_counter() - t0
         summary["stages_completed"] = [s for s in STAGES if s in summary["stage_seconds"]]
-        _plot_accuracy(summary, out)
         write_json_atomic(out / "summary.json", summary)  # after every stage: a crash keeps what finished
+        _plot_accuracy(summary, out)
 
 
 #: Summary keys each stage writes (dropped when an earlier stage runs again).
@@ -637,7 +645,7 @@ def dpo_stage(cfg: ChimeraConfig, out: Path, summary: dict, cache_dir: Path, sta
     tc = cfg.dpo
 
     # 1. On-policy pairs from the SFT model.
-    prompts = generate_problems(cfg.dpo_problems, steps=cfg.reasoning_steps, digits=cfg.reasoning_digits,
+    prompts = generate_problems(cfg.dpo_problems, steps=cfg.dpo_problem_steps, digits=cfg.reasoning_digits,
                                 seed=tc.seed + _SEED_DPO)
     pairs, pair_stats = sample_preference_pairs(
         engine, tokenizer, prompts, n_samples=cfg.dpo_samples, temperature=cfg.dpo_temperature,
@@ -652,7 +660,10 @@ def dpo_stage(cfg: ChimeraConfig, out: Path, summary: dict, cache_dir: Path, sta
         raise ValueError(f"DPO: only {len(pairs)} preference pairs (fewer than dpo.batch_size={tc.batch_size}); "
                          "raise dpo_problems / dpo_samples or dpo_temperature")
     seq_len = -(-max(p.length for p in pairs) // 16) * 16  # rows hold length - 1 <= seq_len tokens
-    tc = dataclasses.replace(tc, seq_len=min(seq_len, ref.config.max_seq_len))
+    steps = tc.steps
+    if cfg.dpo_epochs > 0:  # a number of passes over the pairs, whatever their count (capped by dpo.steps)
+        steps = min(tc.steps, max(tc.warmup_steps + 1, math.ceil(cfg.dpo_epochs * len(pairs) / tc.batch_size)))
+    tc = dataclasses.replace(tc, seq_len=min(seq_len, ref.config.max_seq_len), steps=steps)
     ref_c, ref_r = reference_logprobs(ref, pairs, tc.seq_len, batch_size=tc.batch_size, pad_id=tokenizer.pad_id)
 
     # 2. DPO on a copy of the SFT model (own buffers: the step donates them).

@@ -340,8 +340,8 @@ def plot_accuracy(stages: dict[str, dict[str, Any]], path, title: str = "held-ou
             l, h = _wilson(a, n)
             xs.append(j + (i - (len(names) - 1) / 2) * width)
             ys.append(a)
-            lo.append(a - l)
-            hi.append(h - a)
+            lo.append(max(a - l, 0.0))  # rounding can put a bound a hair inside an accuracy of 0 or 1
+            hi.append(max(h - a, 0.0))
         ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=f"{name} ({stages[name]['accuracy']:.0%})")
     first = stages[names[0]]["by_steps"]
     ax.set_xticks(range(len(diffs)), [f"{d} step{'s' if d != '1' else ''}\nn={first[d]['n'] if d in first else '-'}"

@@ -132,6 +132,14 @@ def test_accuracy_table_groups():
     assert t["by_steps_digits"]["1x1"]["n"] == 2 and t["by_steps_digits"]["2x2"]["n"] == 1
 
 
+def test_accuracy_plot_at_zero_and_full_accuracy(tmp_path):
+    # Wilson bounds at accuracy 0 or 1 can round a hair inside the point (the default run crashed on 100/100).
+    stages = {"sft": {"accuracy": 1.0, "by_steps": {"1": {"accuracy": 1.0, "n": 100}, "2": {"accuracy": 0.0, "n": 7}}},
+              "dpo": {"accuracy": 0.5, "by_steps": {"1": {"accuracy": 1.0, "n": 10}, "2": {"accuracy": 0.5, "n": 2}}}}
+    posttrain.plot_accuracy(stages, tmp_path / "acc.png")
+    assert (tmp_path / "acc.png").stat().st_size > 0
+
+
 # ------------------------------------------------------------------------------- sampling with a fake engine
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
