@@ -482,7 +482,9 @@ class WhisperDecoder(nnx.Module):
         self.layer_norm = LayerNorm(cfg.d_model, cfg.norm_eps, param_dtype=pd)
 
     def __call__(self, tokens: Array, *, cross: list[Cache], cache: list[Cache] | None = None,
-                 cache_pos: Array | int = 0) -> tuple[Array, list[Cache] | None]:
+                 cache_pos: Array | int = 0, vocab_ids: Array | None = None) -> tuple[Array, list[Cache] | None]:
+        """Logits float32 ``[batch, t, vocab_size]`` -- or ``[batch, t, len(vocab_ids)]``, only the columns of the
+        int ``vocab_ids`` (a grammar's tokens: the output head is the largest matmul of a decoder step)."""
         cfg = self.cfg
         t = tokens.shape[1]
         x = self.embed_tokens(tokens)
@@ -496,7 +498,10 @@ class WhisperDecoder(nnx.Module):
             if cache is not None:
                 new_cache.append(c)
         x = self.layer_norm(x)
-        logits = jnp.einsum("btd,vd->btv", x, self.embed_tokens.embedding[...].astype(x.dtype))
+        table = self.embed_tokens.embedding[...]
+        if vocab_ids is not None:
+            table = jnp.take(table, vocab_ids, axis=0)
+        logits = jnp.einsum("btd,vd->btv", x, table.astype(x.dtype))
         return logits.astype(jnp.float32), new_cache
 
 
@@ -575,18 +580,21 @@ class Whisper(nnx.Module):
             raise ValueError(f"tokens: batch {tokens.shape[0]} != features batch {enc.shape[0]}")
         return self.decoder(tokens, cross=self.cross_kv(enc))[0]
 
-    def prefill(self, tokens: Array, cache: Cache) -> tuple[Array, Cache]:
+    def prefill(self, tokens: Array, cache: Cache, *, vocab_ids: Array | None = None) -> tuple[Array, Cache]:
         """Run ``tokens [batch, t]`` through the decoder at positions ``cache["pos"] ...``, writing the
-        self-attention cache; returns logits float32 ``[batch, t, vocab_size]`` and the advanced cache.
+        self-attention cache; returns logits float32 ``[batch, t, vocab_size]`` (``[..., len(vocab_ids)]`` when
+        ``vocab_ids`` restricts the output head) and the advanced cache.
         The caller keeps ``pos + t <= max_len`` (positions past the cache are not checked under jit)."""
         self._check_tokens(tokens, 2, "tokens")
-        logits, new_self = self.decoder(tokens, cross=cache["cross"], cache=cache["self"], cache_pos=cache["pos"])
+        logits, new_self = self.decoder(tokens, cross=cache["cross"], cache=cache["self"], cache_pos=cache["pos"],
+                                        vocab_ids=vocab_ids)
         return logits, {"cross": cache["cross"], "self": new_self, "pos": cache["pos"] + tokens.shape[1]}
 
-    def decode_step(self, token: Array, cache: Cache) -> tuple[Array, Cache]:
-        """One token per row, ``token [batch]`` -> logits float32 ``[batch, vocab_size]`` and the cache."""
+    def decode_step(self, token: Array, cache: Cache, *, vocab_ids: Array | None = None) -> tuple[Array, Cache]:
+        """One token per row, ``token [batch]`` -> logits float32 ``[batch, vocab_size]`` (or over ``vocab_ids``)
+        and the cache."""
         self._check_tokens(token, 1, "token")
-        logits, cache = self.prefill(token[:, None], cache)
+        logits, cache = self.prefill(token[:, None], cache, vocab_ids=vocab_ids)
         return logits[:, 0], cache
 
 

@@ -1,0 +1,393 @@
+"""VAANI's pipeline: stages in one process, connected by Wyoming events.
+
+Every stage is a :class:`Stage`: ``handle(event) -> list[Event]``, taking and giving ``wyoming.event.Event``
+objects (the protocol's JSONL header + PCM payload shape; OHF-Voice/wyoming), so any stage can later run as a
+Wyoming server in another process without changing what flows between them:
+
+==============  =====================================================  ==========================================
+stage           consumes                                               emits
+==============  =====================================================  ==========================================
+WakeStage       ``audio-chunk``                                        ``detection``, then passes audio through
+VadStage        ``audio-chunk`` (after a detection, or always)         ``voice-started``, ``voice-stopped``,
+                                                                       ``transcribe`` + ``audio-start/chunk/stop``
+AsrStage        ``transcribe``, ``audio-start/chunk/stop``              ``transcript``
+IntentStage     ``transcript``                                         ``intent`` or ``not-recognized``
+HandleStage     ``intent``, ``not-recognized``                         ``handled``
+TtsStage        ``handled`` / ``synthesize``                           ``audio-start``, ``audio-chunk`` per
+                                                                       sentence, ``audio-stop``
+==============  =====================================================  ==========================================
+
+:class:`VoiceAssistant` chains them and records a :class:`Turn` per command with per-stage latency.
+**Latency** is measured from the end of speech (the last voiced frame) to the first reply audio: the VAD's
+hangover (stream time; real audio arrives in real time) plus the wall time from ``voice-stopped`` to the first
+``audio-chunk`` of the reply.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+from wyoming.asr import Transcribe, Transcript
+from wyoming.audio import AudioChunk, AudioStart, AudioStop
+from wyoming.event import Event
+from wyoming.handle import Handled
+from wyoming.intent import Intent as WyIntent
+from wyoming.intent import NotRecognized
+from wyoming.tts import Synthesize
+from wyoming.vad import VoiceStarted, VoiceStopped
+from wyoming.wake import Detection
+
+from . import tts
+from .audio import CHANNELS, FRAME_MS, SAMPLE_RATE, SAMPLE_WIDTH, EnergyVAD, chunk_audio, chunk_events
+
+_clock = time.perf_counter
+
+
+class Stage:
+    """One pipeline stage: Wyoming events in, Wyoming events out (``handle`` may return none)."""
+
+    name = "stage"
+
+    def handle(self, event: Event) -> list[Event]:
+        raise NotImplementedError
+
+    def reset(self):
+        pass
+
+
+class WakeStage(Stage):
+    """Runs a :class:`~mani_jax.voice.wake.WakeWordDetector` on 10 ms chunks. Before a detection nothing passes;
+    after one, audio passes on until :meth:`reset` (the turn ends). ``detector=None`` passes everything."""
+
+    name = "wake"
+
+    def __init__(self, detector=None):
+        self.detector = detector
+        self.awake = detector is None
+
+    def reset(self):
+        self.awake = self.detector is None
+        if self.detector is not None:
+            self.detector.reset()
+
+    def handle(self, event: Event) -> list[Event]:
+        if not AudioChunk.is_type(event.type):
+            return [event]
+        if self.awake:
+            return [event]
+        chunk = AudioChunk.from_event(event)
+        det = self.detector.process(chunk_audio(chunk))
+        if det is None:
+            return []
+        self.awake = True
+        return [Detection(name=det.name, timestamp=chunk.timestamp).event()]
+
+
+class VadStage(Stage):
+    """Cuts one utterance out of the chunk stream with :class:`~mani_jax.voice.audio.EnergyVAD`.
+
+    Keeps ``preroll_ms`` of audio before the onset (the VAD needs ``min_speech_ms`` to decide). After a wake
+    detection, speech that was already going on (the tail of the wake phrase) is skipped until ``guard_ms`` of
+    silence. On ``voice-stopped`` it emits ``transcribe`` and the utterance as ``audio-start``/chunks/``audio-stop``.
+    """
+
+    name = "vad"
+
+    def __init__(self, vad: EnergyVAD | None = None, *, preroll_ms: int = 200, guard_ms: int = 150,
+                 language: str = "hi"):
+        self.vad = vad or EnergyVAD()
+        self.preroll = max(1, preroll_ms // FRAME_MS)
+        self.guard = guard_ms // FRAME_MS
+        self.language = language
+        self.reset()
+
+    def reset(self):
+        self.vad.reset()
+        self.ring: list[AudioChunk] = []
+        self.utterance: list[AudioChunk] = []
+        self.armed = True
+        self.silent = 0
+        self.voiced_end_ts: int | None = None
+
+    def handle(self, event: Event) -> list[Event]:
+        if Detection.is_type(event.type):  # don't take the end of the wake phrase for the command
+            self.vad.reset()
+            self.armed, self.silent = False, 0
+            return [event]
+        if not AudioChunk.is_type(event.type):
+            return [event]
+        chunk = AudioChunk.from_event(event)
+        frame = chunk_audio(chunk)
+        if not self.armed:  # wait for the silence after the wake phrase
+            voiced = self.vad.process(frame) is not None or self.vad.in_speech
+            self.silent = 0 if voiced else self.silent + 1
+            if self.silent >= self.guard:
+                self.vad.reset()
+                self.armed = True
+            return []
+        state = self.vad.process(frame)
+        out: list[Event] = []
+        if self.vad.in_speech or state == "stop":
+            if state == "start":
+                self.utterance = list(self.ring)
+                out.append(VoiceStarted(timestamp=chunk.timestamp).event())
+            self.utterance.append(chunk)
+        else:
+            self.ring = (self.ring + [chunk])[-self.preroll:]
+        if state == "stop":
+            hang = self.vad.hangover_ms
+            out.append(VoiceStopped(timestamp=chunk.timestamp + FRAME_MS - hang).event())
+            out.append(Transcribe(language=self.language).event())
+            out.append(AudioStart(rate=SAMPLE_RATE, width=SAMPLE_WIDTH, channels=CHANNELS,
+                                  timestamp=self.utterance[0].timestamp).event())
+            out.extend(c.event() for c in self.utterance)
+            out.append(AudioStop(timestamp=chunk.timestamp + FRAME_MS).event())
+            self.utterance, self.ring = [], []
+        return out
+
+
+class AsrStage(Stage):
+    """Collects ``audio-start``..``audio-stop`` after ``transcribe`` and runs :class:`~mani_jax.voice.asr.WhisperASR`."""
+
+    name = "asr"
+
+    def __init__(self, asr):
+        self.asr = asr
+        self.audio: list[np.ndarray] | None = None
+        self.last = None  # the last ASRResult
+
+    def reset(self):
+        self.audio = None
+
+    def handle(self, event: Event) -> list[Event]:
+        if AudioStart.is_type(event.type):
+            self.audio = []
+            return []
+        if AudioChunk.is_type(event.type) and self.audio is not None:
+            self.audio.append(chunk_audio(AudioChunk.from_event(event)))
+            return []
+        if AudioStop.is_type(event.type) and self.audio is not None:
+            audio = np.concatenate(self.audio) if self.audio else np.zeros(FRAME_MS * 16, np.float32)
+            self.audio = None
+            self.last = self.asr.transcribe(audio)
+            return [Transcript(text=self.last.text, language=self.asr.language,
+                               context={"score": self.last.score, "window_s": self.last.window_s,
+                                        "constrained": self.last.constrained}).event()]
+        if Transcribe.is_type(event.type):
+            return []
+        return [event]
+
+
+class IntentStage(Stage):
+    """``transcript`` -> ``intent`` (slots as entities) or ``not-recognized``, with an
+    :class:`~mani_jax.voice.nlu.IntentRecognizer`."""
+
+    name = "intent"
+
+    def __init__(self, recognizer):
+        self.recognizer = recognizer
+        self.last = None
+
+    def handle(self, event: Event) -> list[Event]:
+        if not Transcript.is_type(event.type):
+            return [event]
+        text = Transcript.from_event(event).text
+        self.last = self.recognizer.recognize(text)
+        if self.last is None:
+            return [NotRecognized(text=text).event()]
+        ev = self.last.to_wyoming().event()
+        ev.data.setdefault("context", {})
+        ev.data["context"] = {**(ev.data["context"] or {}), "confidence": self.last.confidence,
+                              "source": self.last.source}
+        return [ev]
+
+
+class HandleStage(Stage):
+    """``intent`` -> the plugin's Hindi reply as ``handled``; ``not-recognized`` goes to the optional ``fallback``
+    (e.g. a local LLM: ``text -> reply or None``) or gets a polite "didn't understand"."""
+
+    name = "handle"
+    NOT_UNDERSTOOD = "माफ़ कीजिए, मैं समझ नहीं पाई। कृपया फिर से कहिए।"
+
+    def __init__(self, host, intent_stage: IntentStage, fallback: Callable[[str], str | None] | None = None):
+        self.host, self.intent_stage, self.fallback = host, intent_stage, fallback
+        self.last = None
+
+    def handle(self, event: Event) -> list[Event]:
+        if WyIntent.is_type(event.type):
+            self.last = self.host.handle(self.intent_stage.last)
+            return [Handled(text=self.last.text, context={"plugin": self.last.plugin, "ok": self.last.ok}).event()]
+        if NotRecognized.is_type(event.type):
+            text = NotRecognized.from_event(event).text or ""
+            reply = self.fallback(text) if self.fallback is not None and text else None
+            self.last = None
+            return [Handled(text=reply or self.NOT_UNDERSTOOD,
+                            context={"plugin": "llm" if reply else None, "ok": bool(reply)}).event()]
+        return [event]
+
+
+class TtsStage(Stage):
+    """``handled``/``synthesize`` -> espeak-ng speech, one sentence at a time (the first sentence's audio goes out
+    before the next is synthesised), framed as ``audio-start``, 10 ms ``audio-chunk`` events, ``audio-stop``."""
+
+    name = "tts"
+
+    def __init__(self, *, variant: str | None = None, speed: int = 150, pitch: int = 50):
+        self.options = dict(variant=variant, speed=speed, pitch=pitch)
+
+    def stream(self, event: Event) -> Iterator[Event]:
+        if Handled.is_type(event.type):
+            text = Handled.from_event(event).text or ""
+        elif Synthesize.is_type(event.type):
+            text = Synthesize.from_event(event).text
+        else:
+            yield event
+            return
+        yield AudioStart(rate=SAMPLE_RATE, width=SAMPLE_WIDTH, channels=CHANNELS).event()
+        t = 0.0
+        for sentence, audio in tts.speak_sentences(text, **self.options):
+            for c in chunk_events(audio, start_s=t):
+                yield c.event()
+            t += len(audio) / SAMPLE_RATE
+        yield AudioStop().event()
+
+    def handle(self, event: Event) -> list[Event]:
+        return list(self.stream(event))
+
+
+@dataclass
+class Turn:
+    """One command: what was heard, understood and said, and how long each stage took (milliseconds)."""
+
+    transcript: str | None = None
+    intent: str | None = None
+    slots: dict = field(default_factory=dict)
+    plugin: str | None = None
+    response: str | None = None
+    ok: bool = False
+    wake_detected: bool | None = None
+    reply_audio: np.ndarray | None = None
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    events: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {"transcript": self.transcript, "intent": self.intent, "slots": self.slots, "plugin": self.plugin,
+                "response": self.response, "ok": self.ok, "wake_detected": self.wake_detected,
+                "latency_ms": {k: round(v, 1) for k, v in self.latency_ms.items()}}
+
+
+class VoiceAssistant:
+    """The whole assistant: ``[wake] -> vad -> asr -> intent -> handle -> tts``.
+
+    Args:
+      asr: a :class:`~mani_jax.voice.asr.WhisperASR` (None: text input only, :meth:`respond_text`).
+      recognizer: an :class:`~mani_jax.voice.nlu.IntentRecognizer`.
+      host: a :class:`~mani_jax.voice.plugins.PluginHost`.
+      wake: a :class:`~mani_jax.voice.wake.WakeWordDetector`, or None to treat all speech as commands.
+      vad: the :class:`~mani_jax.voice.audio.EnergyVAD` (300 ms hangover by default).
+      fallback: optional ``text -> reply`` for unrecognised text (a local LLM).
+    """
+
+    def __init__(self, *, asr, recognizer, host, wake=None, vad: EnergyVAD | None = None,
+                 fallback: Callable[[str], str | None] | None = None, tts_options: dict | None = None):
+        self.asr_stage = AsrStage(asr) if asr is not None else None
+        self.wake_stage = WakeStage(wake)
+        self.vad_stage = VadStage(vad)
+        self.intent_stage = IntentStage(recognizer)
+        self.handle_stage = HandleStage(host, self.intent_stage, fallback)
+        self.tts_stage = TtsStage(**(tts_options or {}))
+
+    def reset(self):
+        for s in (self.wake_stage, self.vad_stage, self.asr_stage):
+            if s is not None:
+                s.reset()
+
+    # ------------------------------------------------------------------ text in
+
+    def respond_text(self, text: str) -> Turn:
+        """Skip the audio front end: ``text`` -> intent -> plugin -> spoken reply."""
+        turn = Turn(transcript=text)
+        t0 = _clock()
+        self._after_asr([Transcript(text=text).event()], turn, t0)
+        return turn
+
+    # ------------------------------------------------------------------ audio in
+
+    def run(self, chunks: Iterable[AudioChunk | Event]) -> Iterator[Turn]:
+        """Stream Wyoming ``AudioChunk``s (10 ms, 16 kHz) through the stages; yield a :class:`Turn` per command.
+        Audio is processed as fast as it comes (a file is not slowed to real time)."""
+        new_turn = lambda: Turn(wake_detected=False if self.wake_stage.detector is not None else None)  # noqa: E731
+        turn, pending, t_stop = new_turn(), None, 0.0
+        for c in chunks:
+            ev = c if isinstance(c, Event) else c.event()
+            for e in self.wake_stage.handle(ev):
+                if Detection.is_type(e.type):
+                    turn.wake_detected = True
+                    turn.events.append(f"detection@{Detection.from_event(e).timestamp}ms")
+                for e2 in self.vad_stage.handle(e):
+                    if VoiceStarted.is_type(e2.type):
+                        turn.events.append(f"voice-started@{VoiceStarted.from_event(e2).timestamp}ms")
+                    elif VoiceStopped.is_type(e2.type):
+                        t_stop, pending = _clock(), []
+                        turn.events.append(f"voice-stopped@{VoiceStopped.from_event(e2).timestamp}ms")
+                        turn.latency_ms["vad_hangover"] = float(self.vad_stage.vad.hangover_ms)
+                    elif pending is not None:  # transcribe, audio-start, the utterance's chunks, audio-stop
+                        pending.append(e2)
+                        if AudioStop.is_type(e2.type):
+                            yield self._finish_utterance(pending, turn, t_stop)
+                            self.reset()
+                            turn, pending = new_turn(), None
+
+    def respond_audio(self, audio: np.ndarray, *, trailing_silence_s: float = 0.6) -> Turn:
+        """One recording (16 kHz mono float32) -> the first :class:`Turn` found in it (wake word first when a
+        detector is set). Silence is appended so the VAD can end the utterance. Raises ``ValueError`` when no
+        command is found (no speech, or no wake word)."""
+        audio = np.concatenate([np.asarray(audio, np.float32),
+                                np.zeros(int(trailing_silence_s * SAMPLE_RATE), np.float32)])
+        self.reset()
+        for turn in self.run(chunk_events(audio)):
+            return turn
+        what = "wake word" if self.wake_stage.detector is not None and not self.wake_stage.awake else "speech end"
+        raise ValueError(f"audio: no command found (no {what} detected in {len(audio) / SAMPLE_RATE:.1f} s)")
+
+    # ------------------------------------------------------------------ the rest of a turn
+
+    def _finish_utterance(self, events: list[Event], turn: Turn, t_stop: float) -> Turn:
+        transcripts = []
+        t0 = _clock()
+        for e in events:
+            transcripts.extend(self.asr_stage.handle(e) if self.asr_stage is not None else [])
+        turn.latency_ms["asr"] = 1e3 * (_clock() - t0)
+        if self.asr_stage is not None and self.asr_stage.last is not None:
+            for k, v in self.asr_stage.last.timings_ms.items():
+                turn.latency_ms[f"asr_{k}"] = v
+        turn.transcript = Transcript.from_event(transcripts[0]).text if transcripts else ""
+        self._after_asr(transcripts, turn, t_stop)
+        return turn
+
+    def _after_asr(self, transcripts: list[Event], turn: Turn, t_start: float):
+        t0 = _clock()
+        intents = [e2 for e in transcripts for e2 in self.intent_stage.handle(e)]
+        t1 = _clock()
+        handled = [e2 for e in intents for e2 in self.handle_stage.handle(e)]
+        t2 = _clock()
+        it = self.intent_stage.last
+        turn.intent, turn.slots = (it.name, dict(it.slots)) if it is not None else (None, {})
+        h = Handled.from_event(handled[0])
+        turn.response, turn.plugin, turn.ok = h.text, (h.context or {}).get("plugin"), bool((h.context or {}).get("ok"))
+        audio, first = [], None
+        for e in self.tts_stage.stream(handled[0]):
+            if AudioChunk.is_type(e.type):
+                if first is None:
+                    first = _clock()
+                audio.append(chunk_audio(AudioChunk.from_event(e)))
+        turn.reply_audio = np.concatenate(audio) if audio else np.zeros(0, np.float32)
+        turn.latency_ms["intent"] = 1e3 * (t1 - t0)
+        turn.latency_ms["plugin"] = 1e3 * (t2 - t1)
+        turn.latency_ms["tts_first_audio"] = 1e3 * ((first or _clock()) - t2)
+        turn.latency_ms["tts_total"] = 1e3 * (_clock() - t2)
+        processing = 1e3 * ((first or _clock()) - t_start)
+        turn.latency_ms["processing"] = processing
+        turn.latency_ms["end_of_speech_to_first_audio"] = processing + turn.latency_ms.get("vad_hangover", 0.0)
