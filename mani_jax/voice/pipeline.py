@@ -45,6 +45,13 @@ from .audio import CHANNELS, FRAME_MS, SAMPLE_RATE, SAMPLE_WIDTH, EnergyVAD, chu
 _clock = time.perf_counter
 
 
+def command_grammar(recognizer) -> list[str]:
+    """The ASR's command grammar: the recogniser's expanded sentences in Devanagari only. Sentences with Latin
+    letters (English city or app names) are left out: whisper-base prefers Latin tokens on synthetic Hindi, and
+    the first tokens decide a constrained search."""
+    return [s for s in recognizer.command_sentences() if not any("a" <= c.lower() <= "z" for c in s)]
+
+
 class Stage:
     """One pipeline stage: Wyoming events in, Wyoming events out (``handle`` may return none)."""
 
@@ -298,6 +305,14 @@ class VoiceAssistant:
         self.intent_stage = IntentStage(recognizer)
         self.handle_stage = HandleStage(host, self.intent_stage, fallback)
         self.tts_stage = TtsStage(**(tts_options or {}))
+
+    def warmup(self) -> float:
+        """Load what the first turn would otherwise pay for (espeak-ng, the resampler, the recogniser's caches);
+        compile the ASR separately with :meth:`WhisperASR.warmup`. Returns seconds spent."""
+        t0 = _clock()
+        tts.synthesize("नमस्ते", **self.tts_stage.options)
+        self.intent_stage.recognizer.recognize("नमस्ते")
+        return _clock() - t0
 
     def reset(self):
         for s in (self.wake_stage, self.vad_stage, self.asr_stage):
