@@ -13,7 +13,8 @@ Pieces (shapes are ``[batch, time, features]``, float32 throughout):
   Slaney mel filter bank from :func:`mani_jax.models.whisper.mel_filters` (40 bands, 0-8 kHz), then
   ``(log10(mel + 1e-8) + FEAT_OFFSET) / FEAT_SCALE``. numpy, deterministic, no per-clip normalisation (so a
   stream can compute it frame by frame: :class:`WakeFeatureStream`).
-* Model :class:`WakeNet` (Flax NNX, 32,833 float32 parameters, 140 kB .npz): a 1-D DS-CNN over a 170-frame (1.71 s) window -- a strided
+* Model :class:`WakeNet` (Flax NNX, 32,833 float32 parameters, 140 kB .npz): a 1-D DS-CNN over a 170-frame
+  (1.71 s) window -- a strided
   temporal conv stem then depthwise-separable conv blocks (depthwise temporal conv + pointwise conv, LayerNorm,
   ReLU), mean+max pooling over time, one logit. The depthwise-separable CNN keyword spotter is from "Hello Edge:
   Keyword Spotting on Microcontrollers" (Zhang et al., 2017, arXiv:1711.07128), here with 1-D (temporal)
