@@ -549,7 +549,8 @@ def sample_windows(ds: WakeDataset, n: int, label: int, rng: np.random.Generator
 
     Positives: the phrase at a random position inside the window, random gain (-20..+3 dB from an 0.3 peak),
     sometimes (30%) preceded by the tail of another sentence, over white/pink/brown/babble noise at 5-20 dB SNR
-    (10% clean). Negatives: a random crop of a negative sentence, 30% of them spanning the boundary between two sentences (60%), the first 40% or last 50% of the wake
+    (10% clean). Negatives: a random crop of a negative sentence, 30% of them spanning the boundary between two
+    sentences (60%), the first 40% or last 50% of the wake
     phrase alone (15%), pure noise (15%) or near-silence (10%), with the same noise.
     """
     L = window_samples(cfg)
@@ -575,7 +576,8 @@ def sample_windows(ds: WakeDataset, n: int, label: int, rng: np.random.Generator
                 c = ds.negatives[int(rng.integers(len(ds.negatives)))]
                 if rng.random() < 0.3:  # a sentence boundary: the end of one clip, a pause, the start of another
                     c2 = ds.negatives[int(rng.integers(len(ds.negatives)))]
-                    c = np.concatenate([c / max(np.abs(c).max(), 1e-6), np.zeros(int(rng.integers(0, 4000)), np.float32),
+                    c = np.concatenate([c / max(np.abs(c).max(), 1e-6),
+                                        np.zeros(int(rng.integers(0, 4000)), np.float32),
                                         c2 / max(np.abs(c2).max(), 1e-6)])
                 c = c * (gain / max(np.abs(c).max(), 1e-6))
                 if len(c) > L:
@@ -661,7 +663,8 @@ def train_wake_model(*, steps: int = 2000, batch: int = 64, lr: float = 3e-3, we
     y = np.concatenate([np.ones(half), np.zeros(half)]).astype(np.float32)
 
     def draw():
-        return np.concatenate([sample_windows(train_ds, half, 1, rng, cfg), sample_windows(train_ds, half, 0, rng, cfg)])
+        return np.concatenate([sample_windows(train_ds, half, 1, rng, cfg),
+                               sample_windows(train_ds, half, 0, rng, cfg)])
 
     log, losses = [], []
     with ThreadPoolExecutor(1) as pool:
@@ -862,7 +865,8 @@ def heldout_negative_stream(minutes: float = 10.0, *, seed: int = 2) -> np.ndarr
     while total < n_target:
         if rng.random() < 0.1:
             seg = np.zeros(int(rng.uniform(2, 6) * SAMPLE_RATE), np.float32)
-            seg += colored_noise(len(seg), NOISE_KINDS[int(rng.integers(3))], rng) * 0.3 * 10 ** (rng.uniform(-30, -5) / 20)
+            level = 0.3 * 10 ** (rng.uniform(-30, -5) / 20)
+            seg += colored_noise(len(seg), NOISE_KINDS[int(rng.integers(3))], rng) * level
         else:
             t = sents[k % len(sents)]
             k += 1
@@ -924,7 +928,8 @@ def format_eval(res: dict) -> str:
              f"{'threshold':>9} {'FRR':>7} {'FA/h':>8} {'FAs':>5}"]
     for r in res["sweep"]:
         mark = "  <- default" if r["threshold"] == res["threshold"] else ""
-        lines.append(f"{r['threshold']:9.2f} {100 * r['frr']:6.1f}% {r['fa_per_hour']:8.2f} {r['false_accepts']:5d}{mark}")
+        lines.append(f"{r['threshold']:9.2f} {100 * r['frr']:6.1f}% {r['fa_per_hour']:8.2f} "
+                     f"{r['false_accepts']:5d}{mark}")
     lines.append(f"targets ({res['targets']})")
     return "\n".join(lines)
 
