@@ -205,3 +205,52 @@ def test_asr_argument_errors(tiny):
     bad.add([EOT, 3], "x")
     with pytest.raises(ValueError, match="end-of-text"):
         asr.set_grammar(bad)
+
+
+# ------------------------------------------------------------------------------------------ pipeline plumbing
+
+
+class _CountingASR:
+    """Records the audio it is asked to transcribe; answers with a fixed command."""
+
+    language = "hi"
+
+    def __init__(self, text):
+        self.text, self.calls = text, []
+
+    def transcribe(self, audio):
+        from mani_jax.voice.asr import ASRResult
+        self.calls.append(len(audio))
+        return ASRResult(self.text, [], 0.0, 5.0, True, {"features": 0.0, "encode": 0.0, "decode": 0.0})
+
+
+def _burst(rng, *spans):
+    """Noise bursts (speech stand-ins) at the given (start_s, end_s) spans inside 3 s of near-silence."""
+    x = 0.001 * rng.standard_normal(48000)
+    for a, b in spans:
+        x[int(a * 16000):int(b * 16000)] = 0.3 * rng.standard_normal(int(b * 16000) - int(a * 16000))
+    return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("spans, asr_calls", [([(0.5, 1.5)], 1),               # early cut reused
+                                               ([(0.5, 1.0), (1.15, 1.5)], 2)])  # a pause: first cut stale
+def test_early_cut_overlaps_recognition_with_the_hangover(tmp_path, spans, asr_calls):
+    from mani_jax.voice.nlu import IntentRecognizer
+    from mani_jax.voice.pipeline import VoiceAssistant
+    from mani_jax.voice.plugins import PluginHost
+
+    asr = _CountingASR("बारह गुणा सात कितना होता है")
+    va = VoiceAssistant(asr=asr, recognizer=IntentRecognizer(), host=PluginHost(tmp_path), early_ms=100)
+    turn = va.respond_audio(_burst(np.random.default_rng(0), *spans))
+    assert len(asr.calls) == asr_calls
+    assert turn.intent == "VaaniCalculate" and "84" in turn.response and turn.reply_audio.size > 0
+    assert any(e.startswith("early-cut@") for e in turn.events)
+    lat = turn.latency_ms
+    assert lat["asr_started_after_speech"] == 100.0
+    assert lat["end_of_speech_to_first_audio"] == pytest.approx(max(300.0, 100.0 + lat["asr"]) + lat["after_asr"])
+    # what was recognised: the speech + 200 ms pre-roll + the 100 ms of silence before the (last) early cut;
+    # with a pause, the cut taken in the pause went stale when speech resumed
+    for call, end in zip(asr.calls, [a for _, a in spans][-asr_calls:]):
+        assert call == pytest.approx((end - spans[0][0] + 0.2 + 0.1) * 16000, abs=800)
+    with pytest.raises(ValueError, match="early_ms"):
+        VoiceAssistant(asr=asr, recognizer=None, host=None, early_ms=300)

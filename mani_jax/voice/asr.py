@@ -175,7 +175,7 @@ class WhisperASR:
       beam_size: 1 (default): constrained greedy decoding, speculative with the trie as draft; more: the
         constrained beam search.
       max_new_tokens: decoding budget after the 4-token prefix.
-      draft_tokens: the longest draft one decoder call verifies (greedy only).
+      draft_tokens: the most tokens one decoder call feeds per row (a greedy draft, or a beam's unique tail).
       beam_depth: with ``beam_size > 1``, run the beam over this many tokens only, then continue the best
         hypothesis greedily (speculating with the trie); None: the beam runs to the end.
 
@@ -253,9 +253,8 @@ class WhisperASR:
                 self.transcribe(silence, constrained=False, max_new_tokens=2)
             else:
                 feats = W.log_mel_spectrogram(silence, window_s=w)[None]
-                widths = [1 << i for i in range(_bucket(max(self.draft_tokens, self.max_new_tokens + 1))
-                                                .bit_length())]
-                for rows in sorted({self.beam_size, 1}):
+                widths = [1 << i for i in range(_bucket(self.draft_tokens).bit_length())]
+                for rows in sorted({self.beam_size} | ({1} if self.beam_size == 1 or self.beam_depth else set())):
                     cache, _ = _encode(self._graphdef, self._state, feats, jnp.asarray(self.prefix, jnp.int32),
                                        self._vocab, beam=rows, max_len=self._cache_len)
                     for width in widths:
@@ -382,8 +381,8 @@ class WhisperASR:
                 break
             room = self._cache_len - int(cache["pos"])
             tails = [trie.tail(c[3]) for c in cands]
-            tails = [t if len(live[c[1]][2]) + 1 + len(t) <= n_new and 1 + len(t) <= room else []
-                     for c, t in zip(cands, tails)]
+            tails = [t if len(live[c[1]][2]) + 1 + len(t) <= n_new and 1 + len(t) <= min(room, self.draft_tokens)
+                     else [] for c, t in zip(cands, tails)]
             width = _bucket(1 + max(len(t) for t in tails))
             width = width if width <= room else 1 + max(len(t) for t in tails)
             rows = [[c[2]] + t + [eot] * (width - 1 - len(t)) for c, t in zip(cands, tails)]

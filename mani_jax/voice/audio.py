@@ -179,6 +179,11 @@ class EnergyVAD:
         self._below = 0
         self._levels: list[float] = []
 
+    @property
+    def silence_ms(self) -> int:
+        """Milliseconds of consecutive frames below the threshold so far."""
+        return self._below * self.frame_ms
+
     def threshold(self) -> float:
         if self.threshold_db is not None:
             return self.threshold_db

@@ -18,9 +18,10 @@ TtsStage        ``handled`` / ``synthesize``                           ``audio-s
 ==============  =====================================================  ==========================================
 
 :class:`VoiceAssistant` chains them and records a :class:`Turn` per command with per-stage latency.
-**Latency** is measured from the end of speech (the last voiced frame) to the first reply audio: the VAD's
-hangover (stream time; real audio arrives in real time) plus the wall time from ``voice-stopped`` to the first
-``audio-chunk`` of the reply.
+**Latency** is measured from the end of speech (the last voiced frame) to the first reply audio. Audio arrives in
+real time, so the stream's clock counts: recognition starts on the VAD's early cut (``early_ms`` of silence) and
+runs while the hangover elapses; the reply starts after ``max(hangover, early_ms + ASR wall time)`` plus the wall
+time of intent, plugin and the first sentence's synthesis. Without a valid early cut it is ``hangover + ASR + ...``.
 """
 from __future__ import annotations
 
@@ -98,13 +99,22 @@ class VadStage(Stage):
     Keeps ``preroll_ms`` of audio before the onset (the VAD needs ``min_speech_ms`` to decide). After a wake
     detection, speech that was already going on (the tail of the wake phrase) is skipped until ``guard_ms`` of
     silence. On ``voice-stopped`` it emits ``transcribe`` and the utterance as ``audio-start``/chunks/``audio-stop``.
+
+    **Early cut**: after ``early_ms`` of silence (before the hangover confirms the end) it also emits the utterance
+    so far, with ``transcribe`` context ``{"early": true}``, so recognition can run while the hangover elapses.
+    The final ``transcribe`` carries ``{"early_valid": true}`` when no speech came after that cut: the early
+    transcript is then the answer (its audio differs only by trailing silence).
     """
 
     name = "vad"
 
     def __init__(self, vad: EnergyVAD | None = None, *, preroll_ms: int = 200, guard_ms: int = 150,
-                 language: str = "hi"):
+                 early_ms: int | None = 100, language: str = "hi"):
         self.vad = vad or EnergyVAD()
+        if early_ms is not None and not 0 < early_ms < self.vad.hangover_ms:
+            raise ValueError(f"early_ms: expected None or 0 < early_ms < hangover_ms={self.vad.hangover_ms}, "
+                             f"got {early_ms}")
+        self.early_ms = early_ms
         self.preroll = max(1, preroll_ms // FRAME_MS)
         self.guard = guard_ms // FRAME_MS
         self.language = language
@@ -116,7 +126,7 @@ class VadStage(Stage):
         self.utterance: list[AudioChunk] = []
         self.armed = True
         self.silent = 0
-        self.voiced_end_ts: int | None = None
+        self.early_valid = False
 
     def handle(self, event: Event) -> list[Event]:
         if Detection.is_type(event.type):  # don't take the end of the wake phrase for the command
@@ -139,20 +149,30 @@ class VadStage(Stage):
         if self.vad.in_speech or state == "stop":
             if state == "start":
                 self.utterance = list(self.ring)
+                self.early_valid = False
                 out.append(VoiceStarted(timestamp=chunk.timestamp).event())
             self.utterance.append(chunk)
+            if state is None and self.vad.silence_ms == 0:
+                self.early_valid = False  # speech (again): an earlier cut is stale
+            elif state is None and self.early_ms and self.vad.silence_ms == self.early_ms:
+                self.early_valid = True
+                out.extend(self._utterance_events(Transcribe(language=self.language, context={"early": True}),
+                                                  chunk.timestamp + FRAME_MS))
         else:
             self.ring = (self.ring + [chunk])[-self.preroll:]
         if state == "stop":
             hang = self.vad.hangover_ms
             out.append(VoiceStopped(timestamp=chunk.timestamp + FRAME_MS - hang).event())
-            out.append(Transcribe(language=self.language).event())
-            out.append(AudioStart(rate=SAMPLE_RATE, width=SAMPLE_WIDTH, channels=CHANNELS,
-                                  timestamp=self.utterance[0].timestamp).event())
-            out.extend(c.event() for c in self.utterance)
-            out.append(AudioStop(timestamp=chunk.timestamp + FRAME_MS).event())
-            self.utterance, self.ring = [], []
+            out.extend(self._utterance_events(
+                Transcribe(language=self.language, context={"early_valid": self.early_valid}),
+                chunk.timestamp + FRAME_MS))
+            self.utterance, self.ring, self.early_valid = [], [], False
         return out
+
+    def _utterance_events(self, transcribe: Transcribe, end_ms: int) -> list[Event]:
+        return ([transcribe.event(), AudioStart(rate=SAMPLE_RATE, width=SAMPLE_WIDTH, channels=CHANNELS,
+                                                timestamp=self.utterance[0].timestamp).event()]
+                + [c.event() for c in self.utterance] + [AudioStop(timestamp=end_ms).event()])
 
 
 class AsrStage(Stage):
@@ -295,13 +315,15 @@ class VoiceAssistant:
       wake: a :class:`~mani_jax.voice.wake.WakeWordDetector`, or None to treat all speech as commands.
       vad: the :class:`~mani_jax.voice.audio.EnergyVAD` (300 ms hangover by default).
       fallback: optional ``text -> reply`` for unrecognised text (a local LLM).
+      early_ms: silence after which recognition starts speculatively (None: only after the hangover).
     """
 
     def __init__(self, *, asr, recognizer, host, wake=None, vad: EnergyVAD | None = None,
-                 fallback: Callable[[str], str | None] | None = None, tts_options: dict | None = None):
+                 fallback: Callable[[str], str | None] | None = None, tts_options: dict | None = None,
+                 early_ms: int | None = 100):
         self.asr_stage = AsrStage(asr) if asr is not None else None
         self.wake_stage = WakeStage(wake)
-        self.vad_stage = VadStage(vad)
+        self.vad_stage = VadStage(vad, early_ms=early_ms)
         self.intent_stage = IntentStage(recognizer)
         self.handle_stage = HandleStage(host, self.intent_stage, fallback)
         self.tts_stage = TtsStage(**(tts_options or {}))
@@ -324,8 +346,7 @@ class VoiceAssistant:
     def respond_text(self, text: str) -> Turn:
         """Skip the audio front end: ``text`` -> intent -> plugin -> spoken reply."""
         turn = Turn(transcript=text)
-        t0 = _clock()
-        self._after_asr([Transcript(text=text).event()], turn, t0)
+        turn.latency_ms["end_of_speech_to_first_audio"] = self._after_asr([Transcript(text=text).event()], turn)
         return turn
 
     # ------------------------------------------------------------------ audio in
@@ -334,7 +355,7 @@ class VoiceAssistant:
         """Stream Wyoming ``AudioChunk``s (10 ms, 16 kHz) through the stages; yield a :class:`Turn` per command.
         Audio is processed as fast as it comes (a file is not slowed to real time)."""
         new_turn = lambda: Turn(wake_detected=False if self.wake_stage.detector is not None else None)  # noqa: E731
-        turn, pending, t_stop = new_turn(), None, 0.0
+        turn, pending, early_events, early = new_turn(), None, None, None
         for c in chunks:
             ev = c if isinstance(c, Event) else c.event()
             for e in self.wake_stage.handle(ev):
@@ -345,15 +366,23 @@ class VoiceAssistant:
                     if VoiceStarted.is_type(e2.type):
                         turn.events.append(f"voice-started@{VoiceStarted.from_event(e2).timestamp}ms")
                     elif VoiceStopped.is_type(e2.type):
-                        t_stop, pending = _clock(), []
+                        pending = []
                         turn.events.append(f"voice-stopped@{VoiceStopped.from_event(e2).timestamp}ms")
                         turn.latency_ms["vad_hangover"] = float(self.vad_stage.vad.hangover_ms)
+                    elif pending is None and Transcribe.is_type(e2.type):  # an early cut begins
+                        early_events = [e2]
+                    elif pending is None and early_events is not None:
+                        early_events.append(e2)
+                        if AudioStop.is_type(e2.type):  # recognise now, while the hangover runs
+                            early = self._recognize(early_events)
+                            turn.events.append(f"early-cut@{AudioStop.from_event(e2).timestamp}ms")
+                            early_events = None
                     elif pending is not None:  # transcribe, audio-start, the utterance's chunks, audio-stop
                         pending.append(e2)
                         if AudioStop.is_type(e2.type):
-                            yield self._finish_utterance(pending, turn, t_stop)
+                            yield self._finish_utterance(pending, turn, early)
                             self.reset()
-                            turn, pending = new_turn(), None
+                            turn, pending, early = new_turn(), None, None
 
     def respond_audio(self, audio: np.ndarray, *, trailing_silence_s: float = 0.6) -> Turn:
         """One recording (16 kHz mono float32) -> the first :class:`Turn` found in it (wake word first when a
@@ -369,20 +398,36 @@ class VoiceAssistant:
 
     # ------------------------------------------------------------------ the rest of a turn
 
-    def _finish_utterance(self, events: list[Event], turn: Turn, t_stop: float) -> Turn:
-        transcripts = []
+    def _recognize(self, events: list[Event]) -> dict:
+        """Run the ASR stage on ``transcribe`` + audio events; the transcripts, its timings and wall time."""
         t0 = _clock()
-        for e in events:
-            transcripts.extend(self.asr_stage.handle(e) if self.asr_stage is not None else [])
-        turn.latency_ms["asr"] = 1e3 * (_clock() - t0)
-        if self.asr_stage is not None and self.asr_stage.last is not None:
-            for k, v in self.asr_stage.last.timings_ms.items():
-                turn.latency_ms[f"asr_{k}"] = v
+        transcripts = [e2 for e in events for e2 in (self.asr_stage.handle(e) if self.asr_stage else [])]
+        timings = dict(self.asr_stage.last.timings_ms) if self.asr_stage and self.asr_stage.last else {}
+        return {"transcripts": transcripts, "timings": timings, "wall_ms": 1e3 * (_clock() - t0)}
+
+    def _finish_utterance(self, events: list[Event], turn: Turn, early: dict | None) -> Turn:
+        """End of an utterance. Latency from the end of speech: with a valid early cut the ASR started
+        ``early_ms`` after it and ran while the hangover elapsed, so post-processing starts at
+        ``max(hangover, early_ms + asr)``; otherwise at ``hangover + asr``."""
+        hangover = turn.latency_ms.get("vad_hangover", 0.0)
+        ctx = Transcribe.from_event(events[0]).context or {} if events and Transcribe.is_type(events[0].type) else {}
+        if early is not None and ctx.get("early_valid"):
+            rec, start = early, float(self.vad_stage.early_ms)
+        else:
+            rec, start = self._recognize(events), hangover
+        turn.latency_ms["asr"] = rec["wall_ms"]
+        turn.latency_ms["asr_started_after_speech"] = start
+        for k, v in rec["timings"].items():
+            turn.latency_ms[f"asr_{k}"] = v
+        transcripts = rec["transcripts"]
         turn.transcript = Transcript.from_event(transcripts[0]).text if transcripts else ""
-        self._after_asr(transcripts, turn, t_stop)
+        post = self._after_asr(transcripts, turn)
+        ready = max(hangover, start + rec["wall_ms"])
+        turn.latency_ms["end_of_speech_to_first_audio"] = ready + post
         return turn
 
-    def _after_asr(self, transcripts: list[Event], turn: Turn, t_start: float):
+    def _after_asr(self, transcripts: list[Event], turn: Turn) -> float:
+        """Intent, plugin and speech for a transcript; fills ``turn``; returns ms to the first reply audio."""
         t0 = _clock()
         intents = [e2 for e in transcripts for e2 in self.intent_stage.handle(e)]
         t1 = _clock()
@@ -403,6 +448,6 @@ class VoiceAssistant:
         turn.latency_ms["plugin"] = 1e3 * (t2 - t1)
         turn.latency_ms["tts_first_audio"] = 1e3 * ((first or _clock()) - t2)
         turn.latency_ms["tts_total"] = 1e3 * (_clock() - t2)
-        processing = 1e3 * ((first or _clock()) - t_start)
-        turn.latency_ms["processing"] = processing
-        turn.latency_ms["end_of_speech_to_first_audio"] = processing + turn.latency_ms.get("vad_hangover", 0.0)
+        post = 1e3 * ((first or _clock()) - t0)
+        turn.latency_ms["after_asr"] = post
+        return post
