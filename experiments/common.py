@@ -19,7 +19,7 @@ def write_json_atomic(path: Path, obj) -> None:
     """Write ``obj`` as indented JSON to ``path`` via a temporary file and a rename (never half-written)."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
+    tmp.write_text(json.dumps(obj, indent=2, default=float, ensure_ascii=False), encoding="utf-8")
     tmp.replace(path)
 
 

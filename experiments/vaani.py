@@ -20,11 +20,12 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from experiments.common import write_json_atomic
 
 TARGET_MS = 800.0
 
@@ -189,7 +190,7 @@ def cmd_benchmark(args):
               f"{'ok ' if row['intent_correct'] else 'BAD'} {turn.latency_ms['end_of_speech_to_first_audio']:6.0f} ms "
               f"| {text} -> {turn.transcript} -> {turn.intent}", flush=True)
     summary = summarize(rows, load, args)
-    write_json(out_dir / "benchmark.json", {"summary": summary, "rows": rows})
+    write_json_atomic(out_dir / "benchmark.json", {"summary": summary, "rows": rows})
     plot_latency(rows, out_dir / "latency.png")
     print_summary(summary)
     print(f"wrote {out_dir / 'benchmark.json'} and {out_dir / 'latency.png'}")
@@ -257,13 +258,6 @@ def print_summary(s):
     verdict = "meets" if s["meets_target"] else "MISSES"
     print(f"  end of speech -> first audio: median {s['latency_ms']['end_of_speech_to_first_audio']['median']:.0f} ms "
           f"{verdict} the {s['target_ms']:.0f} ms target")
-
-
-def write_json(path: Path, obj):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=1, default=float)
-    os.replace(tmp, path)
 
 
 def plot_latency(rows, path: Path):

@@ -233,22 +233,34 @@ class IntentStage(Stage):
 
 class HandleStage(Stage):
     """``intent`` -> the plugin's Hindi reply as ``handled``; ``not-recognized`` goes to the optional ``fallback``
-    (e.g. a local LLM: ``text -> reply or None``) or gets a polite "didn't understand"."""
+    (e.g. a local LLM: ``text -> reply or None``) or gets a polite "didn't understand". The intent is rebuilt
+    from the event alone (name, entities, text, context), as a stage in another process would."""
 
     name = "handle"
     NOT_UNDERSTOOD = "माफ़ कीजिए, मैं समझ नहीं पाई। कृपया फिर से कहिए।"
 
-    def __init__(self, host, intent_stage: IntentStage, fallback: Callable[[str], str | None] | None = None):
-        self.host, self.intent_stage, self.fallback = host, intent_stage, fallback
+    def __init__(self, host, fallback: Callable[[str], str | None] | None = None):
+        self.host, self.fallback = host, fallback
         self.last = None
 
     def handle(self, event: Event) -> list[Event]:
         if WyIntent.is_type(event.type):
-            self.last = self.host.handle(self.intent_stage.last)
+            from .nlu import Intent
+
+            wy = WyIntent.from_event(event)
+            ctx = wy.context or {}
+            intent = Intent(wy.name, {e.name: e.value for e in wy.entities}, wy.text or "",
+                            float(ctx.get("confidence", 1.0)), str(ctx.get("source", "hassil")))
+            self.last = self.host.handle(intent)
             return [Handled(text=self.last.text, context={"plugin": self.last.plugin, "ok": self.last.ok}).event()]
         if NotRecognized.is_type(event.type):
             text = NotRecognized.from_event(event).text or ""
-            reply = self.fallback(text) if self.fallback is not None and text else None
+            reply = None
+            if self.fallback is not None and text:
+                try:
+                    reply = self.fallback(text)
+                except Exception:  # noqa: BLE001 - isolation: a failing LLM is a polite reply, not a crash
+                    reply = None
             self.last = None
             return [Handled(text=reply or self.NOT_UNDERSTOOD,
                             context={"plugin": "llm" if reply else None, "ok": bool(reply)}).event()]
@@ -325,7 +337,7 @@ class VoiceAssistant:
         self.wake_stage = WakeStage(wake)
         self.vad_stage = VadStage(vad, early_ms=early_ms)
         self.intent_stage = IntentStage(recognizer)
-        self.handle_stage = HandleStage(host, self.intent_stage, fallback)
+        self.handle_stage = HandleStage(host, fallback)
         self.tts_stage = TtsStage(**(tts_options or {}))
 
     def warmup(self) -> float:
@@ -433,8 +445,8 @@ class VoiceAssistant:
         t1 = _clock()
         handled = [e2 for e in intents for e2 in self.handle_stage.handle(e)]
         t2 = _clock()
-        it = self.intent_stage.last
-        turn.intent, turn.slots = (it.name, dict(it.slots)) if it is not None else (None, {})
+        wy = next((WyIntent.from_event(e) for e in intents if WyIntent.is_type(e.type)), None)
+        turn.intent, turn.slots = (wy.name, {e.name: e.value for e in wy.entities}) if wy else (None, {})
         h = Handled.from_event(handled[0])
         turn.response, turn.plugin, turn.ok = h.text, (h.context or {}).get("plugin"), bool((h.context or {}).get("ok"))
         audio, first = [], None

@@ -49,7 +49,6 @@ import dataclasses
 import functools
 import io
 import json
-import math
 import os
 import sys
 import tempfile
