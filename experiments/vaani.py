@@ -104,7 +104,7 @@ def cmd_mic(args):  # pragma: no cover - needs a microphone
     assistant, _, _ = build(args, wake=not args.no_wake)
     import sounddevice as sd
     print("listening (say 'हे वाणी' and a command; Ctrl-C to stop)")
-    for turn in assistant.run(microphone_chunks()):
+    for turn in assistant.run(microphone_chunks()):  # commands, and timers/alarms as they finish
         print_turn(turn, None)
         sd.play(turn.reply_audio, 16000, blocking=True)
 

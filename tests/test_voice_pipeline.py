@@ -262,3 +262,23 @@ def test_early_cut_overlaps_recognition_with_the_hangover(tmp_path, spans, asr_c
         assert call == pytest.approx((end - spans[0][0] + 0.2 + 0.1) * 16000, abs=800)
     with pytest.raises(ValueError, match="early_ms"):
         VoiceAssistant(asr=asr, recognizer=None, host=None, early_ms=300)
+
+
+@needs_espeak
+def test_finished_timer_is_announced_while_listening(tmp_path):
+    from mani_jax.voice.nlu import IntentRecognizer
+    from mani_jax.voice.pipeline import VoiceAssistant
+    from mani_jax.voice.plugins import PluginHost
+
+    clock = [1000.0]
+    host = PluginHost(tmp_path, monotonic=lambda: clock[0])
+    va = VoiceAssistant(asr=None, recognizer=IntentRecognizer(), host=host)
+    turn = va.respond_text("पाँच सेकंड का टाइमर लगाओ")
+    assert turn.intent == "HassStartTimer" and turn.ok
+    quiet = np.zeros(16000 * 2, np.float32)
+    assert list(va.run(A.chunk_events(quiet))) == []  # not due yet
+    clock[0] += 6.0
+    turns = list(va.run(A.chunk_events(quiet)))
+    assert len(turns) == 1 and turns[0].intent == "timer_finished"
+    assert "5 सेकंड का टाइमर पूरा हो गया" in turns[0].response and turns[0].reply_audio.size > 8000
+    assert list(va.run(A.chunk_events(quiet))) == []  # announced once

@@ -348,6 +348,27 @@ class VoiceAssistant:
         self.intent_stage.recognizer.recognize("नमस्ते")
         return _clock() - t0
 
+    def due_announcements(self) -> list[Turn]:
+        """Timers and alarms that have finished (the ``timer`` plugin's :meth:`poll`), each as a spoken
+        :class:`Turn` (``intent="timer_finished"``). :meth:`run` calls this once per second of audio."""
+        timer = getattr(self.handle_stage.host, "plugins", {}).get("timer")
+        if timer is None or not hasattr(timer, "poll"):
+            return []
+        turns = []
+        for t in timer.poll():
+            from .plugins.timer import describe_duration_hi
+
+            text = (f"आपका {t.label} का अलार्म बज रहा है।" if t.kind == "alarm" and t.label else
+                    "आपका अलार्म बज रहा है।" if t.kind == "alarm" else
+                    f"आपका {describe_duration_hi(t.duration_s)} का टाइमर पूरा हो गया।")
+            turn = Turn(intent="timer_finished", slots={"id": t.id, "kind": t.kind}, plugin="timer", ok=True)
+            handled = Handled(text=text, context={"plugin": "timer", "ok": True}).event()
+            turn.response = text
+            turn.reply_audio = np.concatenate([chunk_audio(AudioChunk.from_event(e))
+                                               for e in self.tts_stage.stream(handled) if AudioChunk.is_type(e.type)])
+            turns.append(turn)
+        return turns
+
     def reset(self):
         for s in (self.wake_stage, self.vad_stage, self.asr_stage):
             if s is not None:
@@ -363,12 +384,15 @@ class VoiceAssistant:
 
     # ------------------------------------------------------------------ audio in
 
-    def run(self, chunks: Iterable[AudioChunk | Event]) -> Iterator[Turn]:
-        """Stream Wyoming ``AudioChunk``s (10 ms, 16 kHz) through the stages; yield a :class:`Turn` per command.
+    def run(self, chunks: Iterable[AudioChunk | Event], *, announce: bool = True) -> Iterator[Turn]:
+        """Stream Wyoming ``AudioChunk``s (10 ms, 16 kHz) through the stages; yield a :class:`Turn` per command,
+        and one per finished timer or alarm (:meth:`due_announcements`, checked every second of audio).
         Audio is processed as fast as it comes (a file is not slowed to real time)."""
         new_turn = lambda: Turn(wake_detected=False if self.wake_stage.detector is not None else None)  # noqa: E731
         turn, pending, early_events, early = new_turn(), None, None, None
-        for c in chunks:
+        for i, c in enumerate(chunks):
+            if announce and i % (1000 // FRAME_MS) == 0:  # once a second of audio: finished timers speak up
+                yield from self.due_announcements()
             ev = c if isinstance(c, Event) else c.event()
             for e in self.wake_stage.handle(ev):
                 if Detection.is_type(e.type):
@@ -403,7 +427,7 @@ class VoiceAssistant:
         audio = np.concatenate([np.asarray(audio, np.float32),
                                 np.zeros(int(trailing_silence_s * SAMPLE_RATE), np.float32)])
         self.reset()
-        for turn in self.run(chunk_events(audio)):
+        for turn in self.run(chunk_events(audio), announce=False):
             return turn
         what = "wake word" if self.wake_stage.detector is not None and not self.wake_stage.awake else "speech end"
         raise ValueError(f"audio: no command found (no {what} detected in {len(audio) / SAMPLE_RATE:.1f} s)")
