@@ -13,7 +13,7 @@ import tempfile
 import wave
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 from wyoming.audio import AudioChunk
@@ -96,19 +96,27 @@ def encode_wav(audio: np.ndarray, rate: int = SAMPLE_RATE) -> bytes:
     return buf.getvalue()
 
 
-def write_wav(path: str | Path, audio: np.ndarray, rate: int = SAMPLE_RATE) -> Path:
-    """Write a 16-bit mono WAV atomically (temp file in the same directory, then rename)."""
+def write_atomic(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temp file in the same directory (fsynced), then rename: a reader sees
+    the old file or the new one, never half of one. Creates parent directories."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(encode_wav(audio, rate))
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_wav(path: str | Path, audio: np.ndarray, rate: int = SAMPLE_RATE) -> Path:
+    """Write a 16-bit mono WAV atomically (:func:`write_atomic`)."""
+    return write_atomic(path, encode_wav(audio, rate))
 
 
 def chunk_events(audio: np.ndarray, *, frame_ms: int = FRAME_MS, start_s: float = 0.0) -> Iterator[AudioChunk]:
@@ -208,9 +216,3 @@ class EnergyVAD:
             self.in_speech = False
             return "stop"
         return None
-
-
-def iter_frames(chunks: Iterable[AudioChunk]) -> Iterator[tuple[AudioChunk, np.ndarray]]:
-    """Pair each chunk with its float32 samples."""
-    for c in chunks:
-        yield c, chunk_audio(c)

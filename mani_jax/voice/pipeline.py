@@ -25,6 +25,7 @@ time of intent, plugin and the first sentence's synthesis. Without a valid early
 """
 from __future__ import annotations
 
+import abc
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
@@ -53,13 +54,14 @@ def command_grammar(recognizer) -> list[str]:
     return [s for s in recognizer.command_sentences() if not any("a" <= c.lower() <= "z" for c in s)]
 
 
-class Stage:
+class Stage(abc.ABC):
     """One pipeline stage: Wyoming events in, Wyoming events out (``handle`` may return none)."""
 
     name = "stage"
 
+    @abc.abstractmethod
     def handle(self, event: Event) -> list[Event]:
-        raise NotImplementedError
+        """The events this stage emits for ``event`` (events it does not consume pass through unchanged)."""
 
     def reset(self):
         pass

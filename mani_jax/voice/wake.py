@@ -64,7 +64,7 @@ import optax
 from flax import nnx
 from wyoming.wake import Detection
 
-from .audio import FRAME_SAMPLES, SAMPLE_RATE
+from .audio import FRAME_SAMPLES, SAMPLE_RATE, write_atomic
 
 WAKE_PHRASE = "हे वाणी"
 WAKE_NAME = "hey_vaani"
@@ -338,23 +338,6 @@ def wake_probs(model: WakeNet, windows: np.ndarray, *, batch: int = 512) -> np.n
 # ------------------------------------------------------------------------------------------- save / load
 
 
-def _atomic_write(path: Path, data: bytes):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def save_wake_model(model: WakeNet, path: str | Path, *, meta: dict | None = None) -> Path:
     """Write ``model`` to ``path`` (.npz: float32 parameters keyed by their NNX path plus ``__config__``, the
     :class:`WakeConfig` as JSON) and a sidecar ``path.with_suffix('.json')`` (config + ``meta``). Both are written
@@ -365,9 +348,9 @@ def save_wake_model(model: WakeNet, path: str | Path, *, meta: dict | None = Non
     cfg_json = json.dumps(model.cfg.to_json(), ensure_ascii=False)
     buf = io.BytesIO()
     np.savez(buf, __config__=np.frombuffer(cfg_json.encode(), np.uint8), **flat)
-    _atomic_write(path, buf.getvalue())
+    write_atomic(path, buf.getvalue())
     side = {"config": model.cfg.to_json(), "params": param_count(model), "data": SYNTHETIC_LABEL, **(meta or {})}
-    _atomic_write(path.with_suffix(".json"), json.dumps(side, ensure_ascii=False, indent=1).encode())
+    write_atomic(path.with_suffix(".json"), json.dumps(side, ensure_ascii=False, indent=1).encode())
     return path
 
 
@@ -966,7 +949,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            min_hits=args.min_hits)
     res = evaluate_wake(det, n_pos=args.positives, minutes=args.minutes)
     print(format_eval(res))
-    _atomic_write(args.json, json.dumps(res, ensure_ascii=False, indent=1).encode())
+    write_atomic(args.json, json.dumps(res, ensure_ascii=False, indent=1).encode())
     print(f"wrote {args.json}")
     return 0
 

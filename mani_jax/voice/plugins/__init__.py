@@ -7,6 +7,7 @@ into a spoken Hindi apology (``Response(ok=False)``), never propagated.
 """
 from __future__ import annotations
 
+import abc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -60,7 +61,7 @@ class Response:
     data: dict[str, Any] = field(default_factory=dict)
 
 
-class Plugin:
+class Plugin(abc.ABC):
     """Base class of VAANI plugins.
 
     Subclasses set :attr:`name` and :attr:`intents` (the intent names they handle) and implement
@@ -73,9 +74,9 @@ class Plugin:
     def __init__(self, ctx: PluginContext):
         self.ctx = ctx
 
+    @abc.abstractmethod
     def handle(self, intent: Intent) -> Response:
         """Answer ``intent`` (whose name is in :attr:`intents`) with a Hindi :class:`Response`."""
-        raise NotImplementedError(f"{type(self).__name__}.handle is not implemented")
 
     def reply(self, text: str, ok: bool = True, **data: Any) -> Response:
         """Shorthand for ``Response(text, self.name, ok, data)``."""

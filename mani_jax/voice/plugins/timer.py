@@ -198,10 +198,15 @@ class TimerPlugin(Plugin):
             self.timers.remove(timer)
         return self.reply(f"{timer.label} का टाइमर बंद कर दिया।", timer_id=timer.id)
 
-    def _cancel_all(self, intent: Intent) -> Response:
+    def _drop(self, kind: str) -> int:
+        """Remove every timer (``kind="timer"``) or alarm (``"alarm"``); return how many were running."""
         with self._lock:
-            count = len(self._running("timer"))
-            self.timers = [t for t in self.timers if t.kind != "timer"]
+            count = len(self._running(kind))
+            self.timers = [t for t in self.timers if t.kind != kind]
+        return count
+
+    def _cancel_all(self, intent: Intent) -> Response:
+        count = self._drop("timer")
         if not count:
             return self.reply("कोई टाइमर नहीं चल रहा है।", ok=False, error="no_timer")
         return self.reply(f"सारे {count} टाइमर बंद कर दिए।" if count > 1 else "टाइमर बंद कर दिया।", count=count)
@@ -251,9 +256,7 @@ class TimerPlugin(Plugin):
                           seconds=delay)
 
     def _cancel_alarms(self, intent: Intent) -> Response:
-        with self._lock:
-            count = len(self._running("alarm"))
-            self.timers = [t for t in self.timers if t.kind != "alarm"]
+        count = self._drop("alarm")
         if not count:
             return self.reply("कोई अलार्म लगा हुआ नहीं है।", ok=False, error="no_alarm")
         return self.reply("अलार्म हटा दिया।" if count == 1 else f"सारे {count} अलार्म हटा दिए।", count=count)
